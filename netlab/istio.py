@@ -1,0 +1,114 @@
+"""Istio 1.18.2 datapath constants, named as in ``shared/reference/istio-1.18-datapath.md``.
+
+Every mark, mask, table, VNI, port, device name and tunnel address the lab uses comes from
+here, so that "where does 0x210 come from" has one answer. Section numbers (§) point at the
+reference; the cite keys in brackets (CNI-CONST, ZT-NODE, ...) are the reference's.
+"""
+
+from __future__ import annotations
+
+# --- §1.2 packet marks on the node (value == mask, "MARK --set-xmark V/V") [CNI-CONST] ---
+OUTBOUND_MARK = 0x100  # TCP from an enrolled pod -> table 101 -> istioout
+SKIP_MARK = 0x200  # use main-table routing (ip rule 100)
+CONN_SKIP_MARK = 0x220  # skip, saved to connmark so the reverse direction skips too
+PROXY_MARK = 0x210  # ztunnel sending with a spoofed (pod) source IP; saved to connmark
+PROXY_RET_MARK = 0x040  # return traffic of a 0x210 connection -> table 102 -> ZT_VETH
+OUTPUT_SKIP_MARK = 0x220  # ztunnel-OUTPUT: "--set-mark 0x220", i.e. --set-xmark 0x220/0xffffffff
+
+# --- §1.6 / §1.7 node policy routing [CNI-NODE, ZT-NODE] ---
+RULE_PRIO_SKIP = 100  # fwmark 0x200/0x200 goto 32766
+RULE_PRIO_OUTBOUND = 101  # fwmark 0x100/0x100 lookup 101
+RULE_PRIO_PROXY = 102  # fwmark 0x040/0x040 lookup 102
+RULE_PRIO_INBOUND = 103  # all lookup 100
+RULE_PRIO_MAIN = 32766  # the kernel's "from all lookup main" rule (target of goto)
+ROUTE_TABLE_INBOUND = 100
+ROUTE_TABLE_OUTBOUND = 101
+ROUTE_TABLE_PROXY = 102
+
+# --- §1.3 / §2.1 geneve tunnels [CNI-CONST, CNI-NODE, CNI-ZTNS] ---
+INBOUND_TUN = "istioin"
+OUTBOUND_TUN = "istioout"
+INBOUND_TUN_POD = "pistioin"  # inside the ztunnel netns
+OUTBOUND_TUN_POD = "pistioout"
+INBOUND_TUN_VNI = 1000
+OUTBOUND_TUN_VNI = 1001
+INBOUND_TUN_IP = "192.168.126.1"  # node end of istioin
+ZTUNNEL_INBOUND_TUN_IP = "192.168.126.2"  # ztunnel end (pistioin)
+OUTBOUND_TUN_IP = "192.168.127.1"  # node end of istioout
+ZTUNNEL_OUTBOUND_TUN_IP = "192.168.127.2"  # ztunnel end (pistioout)
+TUN_PREFIX_LEN = 30
+GENEVE_DST_PORT = 6081  # kernel default dstport (RFC 8926)
+GENEVE_PROTO_TEB = 0x6558  # Ethernet payload (ETH_P_TEB)
+
+# --- §1.4 ipset [CNI-OPT] ---
+ZTUNNEL_PODS_IPSET = "ztunnel-pods-ips"
+
+# --- §1.5 iptables chain names [CNI-CONST] ---
+CHAIN_ZT_PREROUTING = "ztunnel-PREROUTING"
+CHAIN_ZT_POSTROUTING = "ztunnel-POSTROUTING"
+CHAIN_ZT_OUTPUT = "ztunnel-OUTPUT"
+CHAIN_ZT_INPUT = "ztunnel-INPUT"
+CHAIN_ZT_FORWARD = "ztunnel-FORWARD"
+
+# --- §2.2 / §2.3 inside the ztunnel netns [CNI-ZTNS, ZT-POD] ---
+TPROXY_MARK = 0x400  # --tproxy-mark 0x400/0xfff
+TPROXY_MASK = 0xFFF
+ORG_SRC_RET_MARK = 0x4D3  # 1235: packets for ztunnel's spoofed sockets arriving over eth0
+ZT_RULE_PRIO_TPROXY = 20000  # fwmark 0x400/0xfff lookup 100
+ZT_RULE_PRIO_ORG_SRC_RET = 20003  # fwmark 0x4d3/0xfff lookup 100
+ZT_POD_IF = "eth0"
+
+# --- §4.1 ztunnel ports [ZT-CFG] ---
+ZTUNNEL_OUTBOUND_PORT = 15001
+ZTUNNEL_INBOUND_PLAINTEXT_PORT = 15006
+HBONE_PORT = 15008
+ZTUNNEL_SOCKS5_PORT = 15080
+ZTUNNEL_ADMIN_PORT = 15000
+ZTUNNEL_METRICS_PORT = 15020
+READINESS_PORT = 15021
+DNS_CAPTURE_PORT = 15053  # not implemented in ztunnel 1.18; the DNAT rule is left out (§9)
+TPROXY_ON_IP = "127.0.0.1"
+
+# --- §6 sidecar (istio-iptables, REDIRECT mode) [IPT, INJ] ---
+SIDECAR_OUTBOUND_PORT = 15001
+SIDECAR_INBOUND_PORT = 15006
+PROXY_UID = 1337
+PROXY_GID = 1337
+INBOUND_PASSTHROUGH_SRC = "127.0.0.6"  # Envoy's inbound upstream bind address
+SIDECAR_EXCLUDED_INBOUND_PORTS = (15090, 15021, 15020)  # -d 15090,15021 + status port 15020
+ENVOY_PROMETHEUS_PORT = 15090
+PILOT_AGENT_STATUS_PORT = 15020
+CHAIN_ISTIO_INBOUND = "ISTIO_INBOUND"
+CHAIN_ISTIO_REDIRECT = "ISTIO_REDIRECT"
+CHAIN_ISTIO_IN_REDIRECT = "ISTIO_IN_REDIRECT"
+CHAIN_ISTIO_OUTPUT = "ISTIO_OUTPUT"
+
+# --- §3 / §7 labels and annotations [CNI-INF, HELM] ---
+LABEL_DATAPLANE_MODE = "istio.io/dataplane-mode"
+DATAPLANE_MODE_AMBIENT = "ambient"
+LABEL_INJECTION = "istio-injection"
+INJECTION_ENABLED = "enabled"
+LABEL_TUNNEL = "networking.istio.io/tunnel"  # "http" => sidecar speaks HBONE (native_hbone)
+ANNOTATION_REDIRECTION = "ambient.istio.io/redirection"
+ISTIO_SYSTEM_NS = "istio-system"
+ZTUNNEL_SA = "ztunnel"
+
+# --- §5.1 HBONE [ZT-TLS, ZT-PROXY] ---
+TRUST_DOMAIN = "cluster.local"
+DEFAULT_SA = "default"
+DEFAULT_CLUSTER_NAME = "Kubernetes"
+HBONE_ALPN = "h2"
+HBONE_WINDOW = 4 * 1024 * 1024  # stream and connection window
+HBONE_MAX_FRAME = 1024 * 1024
+CONNECT_TIMEOUT_S = 10.0  # ztunnel freebind_connect
+WAYPOINT_CONNECT_TIMEOUT_S = 2.0  # Envoy connect_originate cluster
+
+
+def spiffe_id(namespace: str, service_account: str, trust_domain: str = TRUST_DOMAIN) -> str:
+    """SPIFFE identity in the format ztunnel 1.18 uses (ZT-TLS identity/manager.rs)."""
+    return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def mark(value: int) -> str:
+    """iptables-save spelling of a value==mask mark, e.g. ``0x200/0x200``."""
+    return f"{value:#x}/{value:#x}"

@@ -1,0 +1,187 @@
+"""Thread-scoped network-namespace switching.
+
+Python 3.11 has no ``os.setns``/``os.unshare``, and forking a helper per namespace costs ~0.2 s
+(fork + setns + imports). ``setns(2)`` and ``unshare(CLONE_NEWNET)`` act on the *calling thread*
+only, so a worker thread can hop into a lab namespace, open its sockets there (a socket stays
+bound to the namespace it was created in) and hop back, for a few microseconds.
+
+Every writer asserts the namespace of its socket with ``SO_NETNS_COOKIE`` before writing, so a
+socket opened in the wrong place (the root namespace!) is caught instead of configuring the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns` keeps its bind mounts
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MNT_DETACH = 2
+SO_NETNS_COOKIE = 71  # Linux >= 5.14
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class NetnsError(OSError):
+    """A namespace operation failed; the message names the namespace."""
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(err, f"{what}: {os.strerror(err)}")
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_RUN_DIR / name
+
+
+def setns_fd(fd: int) -> None:
+    """Move the calling thread into the network namespace behind ``fd``."""
+    _check(_libc.setns(fd, CLONE_NEWNET), "setns")
+
+
+def setns(name: str) -> None:
+    """Move the calling thread into the named namespace (``/run/netns/<name>``)."""
+    try:
+        fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NetnsError(errno.ENOENT, f"network namespace {name!r} does not exist") from None
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNET), f"setns into {name!r}")
+    finally:
+        os.close(fd)
+
+
+def own_netns_fd() -> int:
+    """An fd for the calling thread's current network namespace (caller closes it)."""
+    return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Run the body with the calling thread inside ``name``, then return it where it was."""
+    home = own_netns_fd()
+    try:
+        setns(name)
+        try:
+            yield
+        finally:
+            setns_fd(home)
+    finally:
+        os.close(home)
+
+
+def socket_cookie(sock: socket.socket | int) -> int:
+    """The netns cookie of the namespace a socket lives in."""
+    s = sock if isinstance(sock, socket.socket) else socket.socket(fileno=os.dup(sock))
+    try:
+        return int.from_bytes(s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+    finally:
+        if s is not sock:
+            s.close()
+
+
+def current_cookie() -> int:
+    """Cookie of the calling thread's namespace (via a throwaway socket made here)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return socket_cookie(s)
+
+
+def netns_cookie(name: str) -> int:
+    with in_netns(name):
+        return current_cookie()
+
+
+def assert_socket_in(sock: socket.socket | int, expected_cookie: int, what: str) -> None:
+    """Refuse to write through a socket that is not in the namespace we meant to configure."""
+    got = socket_cookie(sock)
+    if got != expected_cookie:
+        raise NetnsError(errno.EXDEV, f"{what}: socket is in netns cookie {got}, expected {expected_cookie}; refusing to write")
+
+
+def create_netns(name: str) -> None:
+    """Create ``/run/netns/<name>`` like ``ip netns add``, from this thread, without forking.
+
+    The thread unshares a fresh netns, bind-mounts ``/proc/thread-self/ns/net`` onto the
+    name, and returns to where it was. Raises FileExistsError if the name is taken.
+    """
+    NETNS_RUN_DIR.mkdir(parents=True, exist_ok=True)
+    _ensure_run_netns_shared()
+    path = netns_path(name)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    os.close(fd)
+    home = own_netns_fd()
+    try:
+        try:
+            _check(_libc.unshare(CLONE_NEWNET), f"unshare for {name!r}")
+            src = f"/proc/{os.getpid()}/task/{_gettid()}/ns/net".encode()
+            _check(_libc.mount(src, str(path).encode(), b"none", MS_BIND, None), f"bind-mount netns {name!r}")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        finally:
+            setns_fd(home)
+    finally:
+        os.close(home)
+
+
+def delete_netns(name: str) -> bool:
+    """Remove a named namespace like ``ip netns delete``; True if it existed."""
+    path = netns_path(name)
+    if not path.exists():
+        return False
+    ret = _libc.umount2(str(path).encode(), MNT_DETACH)
+    if ret != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+        err = ctypes.get_errno()
+        raise NetnsError(err, f"umount netns {name!r}: {os.strerror(err)}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return True
+
+
+def list_netns() -> list[str]:
+    if not NETNS_RUN_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_RUN_DIR.iterdir())
+
+
+def _gettid() -> int:
+    return threading_native_id()
+
+
+def threading_native_id() -> int:
+    import threading
+
+    return threading.get_native_id()
+
+
+_shared_done = False
+
+
+def _ensure_run_netns_shared() -> None:
+    """Make /run/netns a shared mount point, as iproute2 does, so mounts propagate to
+    mount namespaces created later by ``ip netns exec``."""
+    global _shared_done
+    if _shared_done:
+        return
+    MS_SHARED, MS_REC = 1 << 20, 16384
+    with open("/proc/self/mountinfo") as f:
+        mounted = any(line.split()[4] == str(NETNS_RUN_DIR) for line in f)
+    if not mounted:
+        _check(_libc.mount(str(NETNS_RUN_DIR).encode(), str(NETNS_RUN_DIR).encode(), b"none", MS_BIND | MS_REC, None),
+               "bind /run/netns")
+    # ignore failure: a private /run/netns only affects propagation into other mount namespaces
+    _libc.mount(b"none", str(NETNS_RUN_DIR).encode(), b"none", MS_SHARED | MS_REC, None)
+    _shared_done = True

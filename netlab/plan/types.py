@@ -1,0 +1,324 @@
+"""The plan: every kernel object and process a lab consists of, as plain frozen values.
+
+A plan is pure data, computed from a topology without root and without touching the kernel,
+and identical for identical input (tests compare plans byte for byte). The apply stage turns
+each value into exactly one kernel object and records it in the ledger under the value's
+``key``; destroy undoes it from the ledger alone.
+
+Namespace fields (``netns``) always hold the full name as it appears in ``ip netns list``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+MAIN_TABLE = 254
+
+Role = Literal["fabric", "node", "pod"]
+PodMode = Literal["ambient", "sidecar", "plain", "ztunnel", "waypoint"]
+
+
+@dataclass(frozen=True)
+class Netns:
+    name: str
+    role: Role
+    ref: str  # the topology object it stands for: "fabric", "node-a", "foo/sleep"
+
+    @property
+    def key(self) -> str:
+        return f"netns:{self.name}"
+
+
+@dataclass(frozen=True)
+class Link:
+    """A device created in ``netns``. For a veth, the peer is created directly in ``peer_netns``."""
+
+    netns: str
+    name: str
+    kind: Literal["veth", "bridge", "tap", "geneve"]
+    peer_netns: str | None = None
+    peer_name: str | None = None
+    master: str | None = None  # bridge to enslave to (same netns)
+    vni: int | None = None  # geneve (kernel) / userspace geneve (tap)
+    remote: str | None = None  # geneve remote
+    mtu: int | None = None
+    mac: str | None = None  # fixed MAC so plans and captures are reproducible
+
+    @property
+    def key(self) -> str:
+        return f"link:{self.netns}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Address:
+    netns: str
+    dev: str
+    ip: str
+    prefixlen: int
+
+    @property
+    def key(self) -> str:
+        return f"addr:{self.netns}:{self.dev}:{self.ip}/{self.prefixlen}"
+
+
+@dataclass(frozen=True)
+class Route:
+    netns: str
+    dst: str  # CIDR; "0.0.0.0/0" for default
+    dev: str | None = None
+    gateway: str | None = None
+    table: int = MAIN_TABLE
+    scope: Literal["universe", "link", "host"] = "universe"
+    src: str | None = None
+    onlink: bool = False
+    type: Literal["unicast", "local"] = "unicast"
+
+    @property
+    def key(self) -> str:
+        return f"route:{self.netns}:{self.table}:{self.type}:{self.dst}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An ip rule. ``goto`` jumps to another priority (the reference's ``goto 32766``)."""
+
+    netns: str
+    priority: int
+    table: int | None = None
+    fwmark: int | None = None
+    fwmask: int | None = None
+    goto: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"rule:{self.netns}:{self.priority}"
+
+
+@dataclass(frozen=True)
+class Sysctl:
+    netns: str
+    key_name: str  # e.g. "net.ipv4.conf.all.rp_filter"
+    value: str
+
+    @property
+    def key(self) -> str:
+        return f"sysctl:{self.netns}:{self.key_name}"
+
+
+@dataclass(frozen=True)
+class IptChain:
+    """A user chain, plus where it is jumped to from (inserted at position 1, as istio-cni does)."""
+
+    netns: str
+    table: Literal["filter", "nat", "mangle", "raw"]
+    chain: str
+    jump_from: str | None = None  # built-in chain that gets "-I <builtin> 1 -j <chain>"
+
+    @property
+    def key(self) -> str:
+        return f"chain:{self.netns}:{self.table}:{self.chain}"
+
+
+@dataclass(frozen=True)
+class IptRule:
+    """One rule in iptables-save argument form, appended to ``chain`` in plan order.
+
+    ``spec`` is exactly what ``iptables-legacy-save`` prints after ``-A <chain> ``, e.g.
+    ``-i istioin -j MARK --set-xmark 0x200/0x200``. ``ref`` says where it comes from in the
+    reference (``§1.5 mangle ztunnel-PREROUTING #15``) so a reader can grep either way.
+    """
+
+    netns: str
+    table: Literal["filter", "nat", "mangle", "raw"]
+    chain: str
+    spec: str
+    ref: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"ipt:{self.netns}:{self.table}:{self.chain}:{self.spec}"
+
+
+@dataclass(frozen=True)
+class IpSet:
+    netns: str
+    name: str
+    type: str = "hash:ip"
+    comment: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"ipset:{self.netns}:{self.name}"
+
+
+@dataclass(frozen=True)
+class IpSetEntry:
+    netns: str
+    set: str
+    ip: str
+    comment: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"ipset-entry:{self.netns}:{self.set}:{self.ip}"
+
+
+@dataclass(frozen=True)
+class File:
+    """A file the lab writes on the host filesystem, e.g. ``/etc/netns/<netns>/hosts``."""
+
+    path: str
+    content: str
+
+    @property
+    def key(self) -> str:
+        return f"file:{self.path}"
+
+
+@dataclass(frozen=True)
+class Process:
+    """A supervised program. ``argv[0]`` is a Python module run as ``python -m``."""
+
+    name: str  # component id used by `netlab logs`, e.g. "ztunnel-node-a"
+    netns: str
+    kind: Literal["ztunnel", "sidecar", "waypoint", "app", "geneve"]
+    argv: tuple[str, ...]
+    uid: int = 0
+    gid: int = 0
+    ref: str = ""  # topology object, e.g. "bar/httpbin"
+
+    @property
+    def key(self) -> str:
+        return f"proc:{self.name}"
+
+
+# ---- inventory: what `netlab status` reports, known before anything is applied ----
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    name: str
+    netns: str
+    ip: str
+    pod_cidr: str
+    host_ip: str  # HOST_IP of the reference: the node's address inside its pod CIDR
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    name: str
+    namespace: str
+    node: str
+    netns: str
+    ip: str
+    mode: PodMode
+    app: str
+    service_account: str
+    ports: tuple[int, ...]
+    host_veth: str  # node-side veth name (the reference's ZT_VETH for a ztunnel pod)
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    name: str
+    namespace: str
+    vip: str
+    port: int
+    target_port: int
+    endpoints: tuple[str, ...]  # pod refs "ns/name"
+
+
+@dataclass(frozen=True)
+class Plan:
+    lab: str
+    topology: str  # topology name
+    source: str  # path of the topology file
+    tunnel: Literal["kernel", "userspace"]
+    nodes: tuple[NodeInfo, ...]
+    pods: tuple[PodInfo, ...]
+    services: tuple[ServiceInfo, ...]
+    netns: tuple[Netns, ...] = ()
+    links: tuple[Link, ...] = ()
+    addresses: tuple[Address, ...] = ()
+    routes: tuple[Route, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    sysctls: tuple[Sysctl, ...] = ()
+    ipsets: tuple[IpSet, ...] = ()
+    ipset_entries: tuple[IpSetEntry, ...] = ()
+    ipt_chains: tuple[IptChain, ...] = ()
+    ipt_rules: tuple[IptRule, ...] = ()
+    files: tuple[File, ...] = ()
+    processes: tuple[Process, ...] = ()
+
+    # Apply order, following istio-cni's CreateRulesOnNode where it matters (§1.9): devices and
+    # addresses first, then sysctls, ipsets, chains and rules, routes, ip rules, files, processes.
+    SECTIONS = ("netns", "links", "addresses", "sysctls", "ipsets", "ipset_entries", "ipt_chains",
+                "ipt_rules", "routes", "rules", "files", "processes")
+
+    def objects(self) -> list[Any]:
+        return [o for s in self.SECTIONS for o in getattr(self, s)]
+
+    def in_netns(self, netns: str) -> list[Any]:
+        return [o for o in self.objects() if getattr(o, "netns", None) == netns]
+
+    def pod(self, ref: str) -> PodInfo:
+        """Find a pod by ``ns/name`` or a unique ``name``; KeyError with a helpful message."""
+        if "/" in ref:
+            hits = [p for p in self.pods if p.ref == ref]
+        else:
+            hits = [p for p in self.pods if p.name == ref]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise KeyError(f"no pod {ref!r} in lab {self.lab!r} (pods: {', '.join(p.ref for p in self.pods)})")
+        raise KeyError(f"pod name {ref!r} is ambiguous in lab {self.lab!r}: use one of {', '.join(p.ref for p in hits)}")
+
+    def node(self, name: str) -> NodeInfo:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node {name!r} in lab {self.lab!r} (nodes: {', '.join(n.name for n in self.nodes)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        types = {
+            "nodes": NodeInfo, "pods": PodInfo, "services": ServiceInfo, "netns": Netns, "links": Link,
+            "addresses": Address, "routes": Route, "rules": Rule, "sysctls": Sysctl, "ipsets": IpSet,
+            "ipset_entries": IpSetEntry, "ipt_chains": IptChain, "ipt_rules": IptRule, "files": File,
+            "processes": Process,
+        }
+        kw: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            v = d.get(f.name)
+            if f.name in types:
+                kw[f.name] = tuple(_build(types[f.name], x) for x in (v or ()))
+            elif v is not None:
+                kw[f.name] = v
+        return cls(**kw)
+
+
+def _build(t: type, x: dict[str, Any]) -> Any:
+    kw = {}
+    for f in dataclasses.fields(t):
+        if f.name in x:
+            v = x[f.name]
+            if isinstance(v, list):
+                v = tuple(tuple(i) if isinstance(i, list) else i for i in v)
+            kw[f.name] = v
+    return t(**kw)
+
