@@ -1,0 +1,285 @@
+"""`netlab` command line: a thin shell over :class:`netlab.lab.Lab`.
+
+Every failure the user can cause ends as one line on stderr and a non-zero status (2 for bad
+input, 1 for wrong lab state, 3 for a missing kernel feature); tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from netlab.errors import NetlabError
+
+EPILOG = """\
+examples:
+  sudo netlab up ambient-to-sidecar            # bring up the seed's first scenario
+  sudo netlab exec sleep -- curl -s http://httpbin.bar:8000/headers
+  sudo netlab status --json | jq .pods
+  sudo netlab rules node-a                      # live iptables/ip rules/routes/ipsets on node-a
+  sudo ip netns exec ambient-to-sidecar-node-a ip rule   # every lab netns is an `ip netns` name
+  sudo netlab down ambient-to-sidecar
+
+topologies are YAML files in topologies/ (see `netlab list`) or any path.
+"""
+
+
+def _progress_printer(quiet: bool) -> Any:
+    if quiet:
+        return None
+    tty = sys.stderr.isatty()
+    state = {"last": "", "t0": time.monotonic()}
+
+    def show(stage: str, done: int, total: int) -> None:
+        line = f"  {stage:<16} {done}/{total}"
+        if tty:
+            sys.stderr.write("\r" + line.ljust(40))
+            if done == total:
+                sys.stderr.write("\n")
+        elif done == total and state["last"] != stage:
+            sys.stderr.write(line + "\n")
+        state["last"] = stage
+        sys.stderr.flush()
+
+    return show
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    t0 = time.monotonic()
+    if not a.quiet:
+        print(f"netlab: bringing up {a.topology}" + (f" as {a.name}" if a.name else ""), file=sys.stderr)
+    lab = Lab.up(a.topology, name=a.name, tunnel=a.tunnel, progress=_progress_printer(a.quiet))
+    st = lab.status()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    p = lab.plan
+    print(f"lab {p.lab} is up in {time.monotonic() - t0:.1f}s: {len(p.nodes)} nodes, {len(p.pods)} pods, "
+          f"{len(p.services)} services, tunnel={p.tunnel}")
+    _print_status(st)
+    print(f"\nnext: netlab exec --lab {p.lab} <pod> -- curl -s http://<svc>.<ns>:<port>/   |   netlab down {p.lab}")
+    return 0
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    names = Lab.running() if a.all else [Lab.resolve_name(a.lab)]
+    if not names:
+        print("netlab: no lab is up", file=sys.stderr)
+        return 0
+    for n in names:
+        rep = Lab.down_lab(n)
+        print(f"lab {n} is down" + (f" ({rep})" if rep else ""))
+    return 0
+
+
+def _print_status(st: dict[str, Any]) -> None:
+    print(f"{'NODE':<14} {'NETNS':<36} IP")
+    for n in st["nodes"]:
+        print(f"{n['name']:<14} {n['netns']:<36} {n['ip']}")
+    print(f"\n{'POD':<30} {'MODE':<9} {'NODE':<10} {'IP':<14} NETNS")
+    for p in st["pods"]:
+        print(f"{p['namespace'] + '/' + p['name']:<30} {p['mode']:<9} {p['node']:<10} {p['ip']:<14} {p['netns']}")
+    if st["services"]:
+        print(f"\n{'SERVICE':<30} {'VIP':<14} PORT")
+        for s in st["services"]:
+            print(f"{s['namespace'] + '/' + s['name']:<30} {s['vip']:<14} {s['port']}->{s['target_port']}")
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    if a.lab is None and not Lab.running():
+        if a.json:
+            print("[]")
+            return 0
+        print("no lab is up (netlab up <topology>)")
+        return 0
+    st = Lab.attach(a.lab).status()
+    if a.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(f"lab {st['lab']} (topology {st['topology']}, tunnel {st['tunnel']})")
+        _print_status(st)
+    return 0
+
+
+def cmd_plan(a: argparse.Namespace) -> int:
+    from netlab.plan.build import build_plan
+    from netlab.plan.render import render_text
+    from netlab.topology.load import load_topology, resolve
+
+    topo = load_topology(a.topology)
+    tunnel = "kernel" if a.tunnel == "kernel" else "userspace"
+    plan = build_plan(topo, lab=a.name, tunnel=tunnel, source=str(resolve(a.topology)))
+    print(plan.to_json() if a.json else render_text(plan))
+    return 0
+
+
+def cmd_exec(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == "--" else a.cmd
+    if not cmd:
+        raise NetlabError("netlab exec: give a command after --, e.g. netlab exec sleep -- curl -s http://httpbin.bar:8000/get")
+    Lab.attach(a.lab).exec(a.pod, cmd)  # replaces this process
+    return 127
+
+
+def cmd_list(a: argparse.Namespace) -> int:
+    from netlab.topology.load import available, topologies_dir
+
+    items = available()
+    if a.json:
+        print(json.dumps([{"name": n, "description": d} for n, d in items], indent=2))
+        return 0
+    print(f"topologies in {topologies_dir()}:")
+    for n, d in items:
+        print(f"  {n:<22} {d}")
+    return 0
+
+
+def cmd_doctor(a: argparse.Namespace) -> int:
+    from netlab.doctor import run_checks
+
+    results = run_checks()
+    if a.json:
+        print(json.dumps([r.__dict__ for r in results], indent=2))
+    else:
+        for r in results:
+            mark = "ok  " if r.ok else ("warn" if not r.required else "FAIL")
+            print(f"[{mark}] {r.name:<18} {r.detail}")
+            if not r.ok:
+                print(f"       used for: {r.used_for}\n       fix: {r.fix}")
+    return 0 if all(r.ok or not r.required for r in results) else 3
+
+
+def cmd_rules(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    out = Lab.attach(a.lab).rules(a.target)
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for section, text in out.items():
+            if section in ("target", "netns"):
+                continue
+            print(f"### {section}")
+            print(text.rstrip() if isinstance(text, str) else json.dumps(text, indent=2))
+            print()
+    return 0
+
+
+def cmd_logs(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    Lab.attach(a.lab).logs(a.component, lines=a.lines, follow=a.follow)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="netlab",
+        description="Istio 1.18 ambient & sidecar datapath, rebuilt in Linux network namespaces: "
+                    "real veths, Geneve tunnels, iptables marks, policy routes and proxies you can trace hop by hop.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def lab_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--lab", help="lab name (may be left out when exactly one lab is up)")
+
+    s = sub.add_parser("up", help="create a lab from a topology", description=(
+        "Create every namespace, link, address, route, ip rule, ipset, iptables rule and process of a topology. "
+        "Fails cleanly (nothing left behind) on any error."))
+    s.add_argument("topology", help="a name from topologies/ (see `netlab list`) or a path to a YAML file")
+    s.add_argument("--name", help="lab name (default: the topology's name); prefixes every netns")
+    s.add_argument("--tunnel", choices=("auto", "kernel", "userspace"), default="auto",
+                   help="Geneve implementation for istioin/istioout: the kernel's, or userspace over TAP "
+                        "(wire-identical); auto picks the kernel's when it works")
+    s.add_argument("--json", action="store_true", help="print the status JSON instead of a table")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("down", help="remove a lab and everything it made (also after a crash)")
+    s.add_argument("lab", nargs="?", help="lab name (may be left out when exactly one lab is up)")
+    s.add_argument("--all", action="store_true", help="remove every lab on this machine")
+    s.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("status", help="nodes, pods, services of a running lab")
+    s.add_argument("lab", nargs="?")
+    s.add_argument("--json", action="store_true",
+                   help="JSON: {lab, topology, tunnel, nodes:[{name,netns,ip}], pods:[{name,namespace,node,netns,ip,mode}], "
+                        "services:[{name,namespace,vip,port,target_port}]}")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("plan", help="print what `up` would create, without root",
+                       description="Print the plan: every netns, link, address, route, ip rule, sysctl, ipset, "
+                                   "iptables rule, file and process, in apply order. Pure: needs no root.")
+    s.add_argument("topology")
+    s.add_argument("--name", help="lab name used for netns names (default: topology name)")
+    s.add_argument("--tunnel", choices=("kernel", "userspace"), default="userspace")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("exec", help="run a command inside a pod's network namespace",
+                       description="Run CMD in the pod's netns, with the lab's /etc/hosts so service names "
+                                   "(<svc>.<ns>) resolve. POD is `name` or `namespace/name`.")
+    lab_opt(s)
+    s.add_argument("pod", metavar="POD")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    s.set_defaults(func=cmd_exec)
+
+    s = sub.add_parser("list", help="topologies you can bring up")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("doctor", help="check the kernel features the lab needs, and say what to do if one is missing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("rules", help="live iptables, ip rules, routes, ipsets and tunnels of a node or pod")
+    lab_opt(s)
+    s.add_argument("target", help="a node name, a pod (name or ns/name), or ztunnel:<node>")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_rules)
+
+    s = sub.add_parser("logs", help="logs of a lab process (ztunnel-<node>, <pod>.<ns>, geneve-<node>, ...)")
+    lab_opt(s)
+    s.add_argument("component", nargs="?", help="leave out to list components")
+    s.add_argument("-n", "--lines", type=int, default=50)
+    s.add_argument("-f", "--follow", action="store_true")
+    s.set_defaults(func=cmd_logs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    needs_root = a.command not in ("plan", "list")
+    if needs_root and os.geteuid() != 0 and a.command != "doctor":
+        print(f"netlab {a.command}: needs root (network namespaces, iptables); run with sudo", file=sys.stderr)
+        return 1
+    try:
+        return a.func(a)
+    except NetlabError as e:
+        print(f"netlab {a.command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"netlab {a.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

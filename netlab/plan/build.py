@@ -1,0 +1,276 @@
+"""Topology -> Plan: a pure, deterministic function (no root, no kernel, no clock, no randomness).
+
+Network model (ptp-CNI style, reference §1.1 and the "Reference harness" of §8):
+
+* ``<lab>-fabric`` holds bridge ``br0``; it stands for the wire between nodes. Nothing links to
+  the host's root namespace, so two labs with the same addresses never meet.
+* Node i (1-based) is ``<lab>-<node>``: ``eth0`` = 172.172.0.(i+1)/16 on the fabric (the
+  fabric-side end is named after the node), pod CIDR 10.0.i.0/24, IP forwarding on.
+* Each pod is ``<lab>-<ns>-<pod>`` with ``eth0`` = <podIP>/32, ``<HOST_IP> dev eth0 scope link``
+  and ``default via <HOST_IP>``. The node end is ``veth<8 hex>`` with HOST_IP/32 (the first
+  address of the pod CIDR, shared by every pod veth, as ptp does) and a /32 host route.
+* Other nodes' pod CIDRs are routed via their node IPs over the fabric.
+
+Addresses are allocated in file order: on each node HOST_IP = .1, then the ztunnel pod, then
+waypoints, then user pods. Service VIPs come from the service CIDR starting at .10.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from netlab import istio
+from netlab.errors import TopologyError
+from netlab.plan import ambient, sidecar
+from netlab.plan.types import (
+    Address,
+    File,
+    IptChain,
+    IptRule,
+    Link,
+    Netns,
+    NodeInfo,
+    Plan,
+    PodInfo,
+    Process,
+    Route,
+    ServiceInfo,
+    Sysctl,
+)
+from netlab.topology.model import Topology
+
+Tunnel = Literal["kernel", "userspace"]
+FABRIC_BRIDGE = "br0"
+NODE_UPLINK = "eth0"
+POD_IF = "eth0"
+DEFAULT_APP_PORTS = {"httpbin": (80,), "helloworld": (5000,), "sink": (9000,), "echo": (9001,)}
+KUBE_SERVICES = "KUBE-SERVICES"
+
+
+def veth_name(namespace: str, pod: str) -> str:
+    """Node-side veth name, like Kubernetes CNIs: ``veth`` + 8 hex of a hash of the pod."""
+    return "veth" + hashlib.sha256(f"{namespace}/{pod}".encode()).hexdigest()[:8]
+
+
+def mac_for(*parts: str) -> str:
+    """A stable locally administered unicast MAC, so captures are reproducible run to run."""
+    h = hashlib.sha256("/".join(parts).encode()).digest()
+    return "02:" + ":".join(f"{b:02x}" for b in h[:5])
+
+
+def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "userspace", source: str = "") -> Plan:
+    lab = lab or topo.name
+    b = _Builder(topo, lab, tunnel)
+    try:
+        b.build()
+    except TopologyError as e:
+        raise TopologyError(f"{source}: {e}" if source else str(e)) from None
+    return Plan(
+        lab=lab, topology=topo.name, source=source, tunnel=tunnel,
+        nodes=tuple(b.nodes), pods=tuple(b.pods), services=tuple(b.services),
+        **{k: tuple(v) for k, v in b.objs.items()},
+    )
+
+
+class _Builder:
+    def __init__(self, topo: Topology, lab: str, tunnel: Tunnel) -> None:
+        self.t, self.lab, self.tunnel = topo, lab, tunnel
+        self.nodes: list[NodeInfo] = []
+        self.pods: list[PodInfo] = []
+        self.services: list[ServiceInfo] = []
+        self.objs: dict[str, list[Any]] = {s: [] for s in Plan.SECTIONS}
+        self._netns_names: dict[str, str] = {}
+        self._keys: dict[str, Any] = {}
+
+    # ---- helpers ----
+    def add(self, objs: Iterable[Any]) -> None:
+        section_of = {
+            "Netns": "netns", "Link": "links", "Address": "addresses", "Route": "routes", "Rule": "rules",
+            "Sysctl": "sysctls", "IpSet": "ipsets", "IpSetEntry": "ipset_entries", "IptChain": "ipt_chains",
+            "IptRule": "ipt_rules", "File": "files", "Process": "processes",
+        }
+        for o in objs:
+            prev = self._keys.get(o.key)
+            if prev is not None:
+                if prev != o:  # two stages want different values for one kernel object: a bug here
+                    raise AssertionError(f"plan conflict on {o.key}: {prev} vs {o}")
+                continue  # e.g. all.rp_filter=0 wanted by both the node model and §1.8
+            self._keys[o.key] = o
+            self.objs[section_of[type(o).__name__]].append(o)
+
+    def netns(self, suffix: str, role: str, ref: str) -> str:
+        name = f"{self.lab}-{suffix}"
+        if name in self._netns_names:
+            raise TopologyError(f"netns name {name!r} would be used by both {self._netns_names[name]} and {ref}; rename one")
+        self._netns_names[name] = ref
+        self.add([Netns(name=name, role=role, ref=ref)])  # type: ignore[arg-type]
+        return name
+
+    # ---- stages ----
+    def build(self) -> None:
+        if len(self.lab) > 40:
+            raise TopologyError(f"lab name {self.lab!r} is longer than 40 characters")
+        self.fabric = self.netns("fabric", "fabric", "fabric")
+        self.add([Link(netns=self.fabric, name=FABRIC_BRIDGE, kind="bridge", mac=mac_for(self.lab, "br0"))])
+        self._nodes()
+        self._pods()
+        self._services()
+        self._node_routes()
+        self._ambient()
+        self._sidecars()
+        self._hosts_files()
+        self._processes()
+
+    def _nodes(self) -> None:
+        fabric = ipaddress.IPv4Network(self.t.network.fabric)
+        if len(self.t.nodes) + 2 > fabric.num_addresses:
+            raise TopologyError(f"network.fabric {fabric} is too small for {len(self.t.nodes)} nodes")
+        self._pool: dict[str, Iterable[ipaddress.IPv4Address]] = {}
+        cidrs: dict[str, ipaddress.IPv4Network] = {}
+        for i, n in enumerate(self.t.nodes, start=1):
+            cidr = ipaddress.IPv4Network(n.podCidr) if n.podCidr else ipaddress.IPv4Network(f"10.0.{i % 256}.0/24")
+            for other, oc in cidrs.items():
+                if cidr.overlaps(oc):
+                    raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps node {other}'s {oc}")
+            if cidr.overlaps(fabric):
+                raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps network.fabric {fabric}")
+            cidrs[n.name] = cidr
+            hosts = cidr.hosts()
+            host_ip = next(hosts)
+            self._pool[n.name] = hosts
+            ip = fabric.network_address + i + 1
+            ns = self.netns(n.name, "node", n.name)
+            self.nodes.append(NodeInfo(name=n.name, netns=ns, ip=str(ip), pod_cidr=str(cidr), host_ip=str(host_ip)))
+            self.add([
+                Link(netns=self.fabric, name=n.name, kind="veth", peer_netns=ns, peer_name=NODE_UPLINK,
+                     master=FABRIC_BRIDGE, mac=mac_for(self.lab, "fabric", n.name)),
+                Address(netns=ns, dev=NODE_UPLINK, ip=str(ip), prefixlen=fabric.prefixlen),
+                Sysctl(netns=ns, key_name="net.ipv4.ip_forward", value="1"),
+            ])
+
+    def _alloc(self, node: str, what: str) -> str:
+        try:
+            return str(next(self._pool[node]))  # type: ignore[call-overload]
+        except StopIteration:
+            n = self.t.nodes[[x.name for x in self.t.nodes].index(node)]
+            raise TopologyError(f"node {node}: pod CIDR {n.podCidr or 'default /24'} has no address left for {what}") from None
+
+    def _pod(self, *, name: str, namespace: str, node: str, mode: str, app: str, sa: str,
+             ports: tuple[int, ...], labels: dict[str, str]) -> PodInfo:
+        ni = self._node(node)
+        ip = self._alloc(node, f"{namespace}/{name}")
+        ns = self.netns(f"{namespace}-{name}", "pod", f"{namespace}/{name}")
+        veth = veth_name(namespace, name)
+        pod = PodInfo(name=name, namespace=namespace, node=node, netns=ns, ip=ip, mode=mode,  # type: ignore[arg-type]
+                      app=app, service_account=sa, ports=ports, host_veth=veth,
+                      labels=tuple(sorted(labels.items())))
+        self.pods.append(pod)
+        self.add([
+            Link(netns=ni.netns, name=veth, kind="veth", peer_netns=ns, peer_name=POD_IF,
+                 mac=mac_for(self.lab, node, veth)),
+            Address(netns=ni.netns, dev=veth, ip=ni.host_ip, prefixlen=32),
+            Route(netns=ni.netns, dst=f"{ip}/32", dev=veth, scope="link"),
+            Address(netns=ns, dev=POD_IF, ip=ip, prefixlen=32),
+            Route(netns=ns, dst=f"{ni.host_ip}/32", dev=POD_IF, scope="link"),
+            Route(netns=ns, dst="0.0.0.0/0", gateway=ni.host_ip, dev=POD_IF),
+        ])
+        return pod
+
+    def _node(self, name: str) -> NodeInfo:
+        return next(n for n in self.nodes if n.name == name)
+
+    def _pods(self) -> None:
+        t = self.t
+        if t.has_ambient:
+            for n in t.nodes:  # a DaemonSet: one ztunnel per node, HELM: uid 0 / gid 1337
+                self._pod(name=f"ztunnel-{n.name}", namespace=istio.ISTIO_SYSTEM_NS, node=n.name, mode="ztunnel",
+                          app="ztunnel", sa=istio.ZTUNNEL_SA, ports=(), labels={"app": "ztunnel"})
+        for w in t.waypoints:
+            self._pod(name=w.name, namespace=w.namespace, node=w.node, mode="waypoint", app="waypoint",
+                      sa=w.serviceAccount or w.name, ports=(istio.HBONE_PORT,),
+                      labels={"gateway.istio.io/managed": "istio.io-mesh-controller"})
+        for p in t.pods:
+            ports = tuple(p.ports) or DEFAULT_APP_PORTS.get(p.app_name, ())
+            labels = {"app": p.app_name, "version": p.version, **p.labels}
+            self._pod(name=p.name, namespace=p.namespace, node=p.node, mode=t.mode_of_pod(p), app=p.app_name,
+                      sa=p.sa, ports=ports, labels=labels)
+
+    def _services(self) -> None:
+        vips = ipaddress.IPv4Network(self.t.network.serviceCidr).hosts()
+        for _ in range(9):
+            next(vips)
+        taken = {s.clusterIP for s in self.t.services if s.clusterIP}
+        for i, s in enumerate(self.t.services):
+            vip = s.clusterIP
+            while vip is None:
+                cand = str(next(vips))
+                vip = cand if cand not in taken else None
+            eps = tuple(p.ref for p in self.pods
+                        if p.namespace == s.namespace and s.selector and all(dict(p.labels).get(k) == v for k, v in s.selector.items()))
+            self.services.append(ServiceInfo(name=s.name, namespace=s.namespace, vip=vip, port=s.port,
+                                             target_port=s.targetPort or s.port, endpoints=eps))
+
+    def _node_routes(self) -> None:
+        for n in self.nodes:
+            for other in self.nodes:
+                if other.name != n.name:
+                    self.add([Route(netns=n.netns, dst=other.pod_cidr, gateway=other.ip, dev=NODE_UPLINK)])
+            self.add([Sysctl(netns=n.netns, key_name="net.ipv4.conf.all.rp_filter", value="0")])
+        # kube-proxy's service DNAT for traffic that no mesh proxy handles (plain pods; ambient pods'
+        # packets are marked 0x100 and ACCEPTed in ztunnel-PREROUTING first, so they reach ztunnel un-DNATed).
+        if not self.services:
+            return
+        for n in self.nodes:
+            self.add([IptChain(netns=n.netns, table="nat", chain=KUBE_SERVICES, jump_from="PREROUTING"),
+                      IptRule(netns=n.netns, table="nat", chain="OUTPUT", spec=f"-j {KUBE_SERVICES}", ref="kube-proxy")])
+            for s in self.services:
+                eps = [self._pod_by_ref(r) for r in s.endpoints]
+                if not eps:
+                    continue
+                for k, ep in enumerate(eps):
+                    left = len(eps) - k
+                    stat = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
+                    self.add([IptRule(netns=n.netns, table="nat", chain=KUBE_SERVICES,
+                                      spec=f"-d {s.vip}/32 -p tcp -m tcp --dport {s.port} {stat}"
+                                           f"-j DNAT --to-destination {ep.ip}:{s.target_port}",
+                                      ref=f"kube-proxy {s.namespace}/{s.name}")])
+
+    def _pod_by_ref(self, ref: str) -> PodInfo:
+        return next(p for p in self.pods if p.ref == ref)
+
+    def _ambient(self) -> None:
+        if not self.t.has_ambient:
+            return
+        for n in self.nodes:
+            zt = next(p for p in self.pods if p.mode == "ztunnel" and p.node == n.name)
+            enrolled = [p for p in self.pods if p.node == n.name and ambient.is_enrolled(p)]
+            self.add(ambient.node_objects(n.netns, n.name, n.host_ip, zt, enrolled, self.tunnel))
+            self.add(ambient.ztunnel_objects(zt.netns, n.name, zt, n.host_ip, self.tunnel))
+
+    def _sidecars(self) -> None:
+        for p in self.pods:
+            if p.mode == "sidecar":
+                self.add(sidecar.sidecar_objects(p.netns))
+
+    def _hosts_files(self) -> None:
+        """``ip netns exec`` bind-mounts /etc/netns/<netns>/hosts over /etc/hosts: DNS for the lab."""
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        for s in self.services:
+            lines.append(f"{s.vip}\t{s.name}.{s.namespace} {s.name}.{s.namespace}.svc {s.name}.{s.namespace}.svc.cluster.local")
+        for p in self.pods:
+            if p.mode in ("ztunnel", "waypoint"):
+                continue
+            own = [f"{s.vip}\t{s.name}" for s in self.services if s.namespace == p.namespace]
+            body = "\n".join(lines + own + [f"{p.ip}\t{p.name}"]) + "\n"
+            self.add([File(path=f"/etc/netns/{p.netns}/hosts", content=body)])
+
+    def _processes(self) -> None:
+        for p in self.pods:
+            if p.app in ("httpbin", "helloworld", "sink", "echo") and p.mode not in ("ztunnel", "waypoint"):
+                argv: list[str] = [f"netlab.apps.{p.app}", "--name", p.name]
+                for port in p.ports:
+                    argv += ["--port", str(port)]
+                self.add([Process(name=f"{p.name}.{p.namespace}", netns=p.netns, kind="app", argv=tuple(argv), ref=p.ref)])

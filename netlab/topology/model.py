@@ -1,0 +1,260 @@
+"""The topology file: a small Kubernetes-like cluster described in YAML, validated with pydantic.
+
+Field names follow Kubernetes spelling (``serviceAccount``, ``targetPort``, ``podCidr``) so a
+reader can map the file to the manifests of the seed article. Unknown keys are errors: a typo
+must not silently become a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from netlab import istio
+
+# Names that end up in `ip netns` names and interface names: keep them DNS-label-like.
+_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+IFNAMSIZ = 15  # Linux interface names are at most 15 characters
+KNOWN_APPS = ("httpbin", "helloworld", "sleep", "sink", "echo")
+
+
+def _check_label(v: str, what: str, max_len: int = 63) -> str:
+    if not _LABEL.match(v):
+        raise ValueError(f"{what} {v!r} must be lowercase letters, digits and '-', starting and ending alphanumeric")
+    if len(v) > max_len:
+        raise ValueError(f"{what} {v!r} is {len(v)} characters; at most {max_len} allowed")
+    return v
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class Node(_Model):
+    name: str
+    podCidr: str | None = Field(default=None, description="pod CIDR owned by this node; default 10.0.<index>.0/24")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        # The fabric-side end of the node's uplink veth is named after the node.
+        return _check_label(v, "node name", IFNAMSIZ)
+
+    @field_validator("podCidr")
+    @classmethod
+    def _cidr(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            net = ipaddress.IPv4Network(v, strict=True)
+        except ValueError as e:
+            raise ValueError(f"podCidr {v!r} is not an IPv4 network in CIDR form ({e})") from None
+        if net.prefixlen > 29:
+            raise ValueError(f"podCidr {v!r} is too small; use /29 or larger")
+        return str(net)
+
+
+class Namespace(_Model):
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class Pod(_Model):
+    name: str
+    namespace: str
+    node: str
+    app: str | None = Field(default=None, description="app label; also picks the program: httpbin, helloworld, sleep, sink, echo")
+    serviceAccount: str | None = None
+    ports: list[int] = Field(default_factory=list, description="container ports")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    version: str = "v1"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_label(v, "pod name")
+
+    @field_validator("ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for p in v:
+            if not 1 <= p <= 65535:
+                raise ValueError(f"port {p} is outside 1..65535")
+            if 15000 <= p <= 15090 and p in (15000, 15001, 15006, 15008, 15020, 15021, 15053, 15080, 15090):
+                raise ValueError(f"port {p} is reserved for the mesh's proxies")
+        if len(set(v)) != len(v):
+            raise ValueError("ports must be unique")
+        return v
+
+    @property
+    def app_name(self) -> str:
+        return self.app or self.name
+
+    @property
+    def sa(self) -> str:
+        return self.serviceAccount or istio.DEFAULT_SA
+
+
+class Service(_Model):
+    name: str
+    namespace: str
+    port: int
+    targetPort: int | None = None
+    selector: dict[str, str] = Field(default_factory=dict)
+    clusterIP: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_label(v, "service name")
+
+    @field_validator("port", "targetPort")
+    @classmethod
+    def _port(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= 65535:
+            raise ValueError(f"port {v} is outside 1..65535")
+        return v
+
+    @field_validator("clusterIP")
+    @classmethod
+    def _vip(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                ipaddress.IPv4Address(v)
+            except ValueError:
+                raise ValueError(f"clusterIP {v!r} is not an IPv4 address") from None
+        return v
+
+
+class Waypoint(_Model):
+    namespace: str
+    node: str
+    name: str = "waypoint"
+    serviceAccount: str | None = Field(default=None, description="scope the waypoint to one service account")
+
+
+class Hop(_Model):
+    """One expected hop of a request path, numbered as in the seed article."""
+
+    n: str = Field(description="the seed's hop number(s), e.g. '1' or '1-3'")
+    at: str = Field(description="where: node:<node>, pod:<ns>/<pod>, ztunnel:<node>, waypoint:<ns>")
+    iface: str | None = Field(default=None, description="interface, or a symbolic one: veth(<ns>/<pod>), istioout, ...")
+    port: int | None = None
+    what: str = ""
+
+
+class RequestPath(_Model):
+    """A request the topology exists to show, with its hop contract (checked by `netlab trace`)."""
+
+    name: str
+    from_: str = Field(alias="from", description="client pod, <ns>/<pod>")
+    to: str = Field(description="host[:port], e.g. httpbin.bar:8000")
+    url: str = "/"
+    expect_status: int = 200
+    expect_body: str | None = None
+    source_seen: Literal["client", "waypoint", "local"] = "client"
+    hops: list[Hop] = Field(default_factory=list)
+
+
+class Network(_Model):
+    fabric: str = "172.172.0.0/16"
+    serviceCidr: str = "10.96.0.0/16"
+
+    @field_validator("fabric", "serviceCidr")
+    @classmethod
+    def _cidr(cls, v: str) -> str:
+        try:
+            return str(ipaddress.IPv4Network(v, strict=True))
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not an IPv4 network in CIDR form ({e})") from None
+
+
+class Topology(_Model):
+    name: str
+    description: str = ""
+    network: Network = Field(default_factory=Network)
+    nodes: list[Node]
+    namespaces: dict[str, Namespace] = Field(default_factory=dict)
+    pods: list[Pod] = Field(default_factory=list)
+    services: list[Service] = Field(default_factory=list)
+    waypoints: list[Waypoint] = Field(default_factory=list)
+    paths: list[RequestPath] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_label(v, "topology name", 40)
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: list[Node]) -> list[Node]:
+        if not v:
+            raise ValueError("at least one node is required")
+        return v
+
+    @model_validator(mode="after")
+    def _refs(self) -> "Topology":
+        _unique([n.name for n in self.nodes], "node")
+        nodes = {n.name for n in self.nodes}
+        for ns in self.namespaces:
+            _check_label(ns, "namespace name")
+            if ns == istio.ISTIO_SYSTEM_NS:
+                raise ValueError(f"namespace {ns!r} is reserved for the lab's ztunnel pods")
+        _unique([f"{p.namespace}/{p.name}" for p in self.pods], "pod")
+        for i, p in enumerate(self.pods):
+            if p.node not in nodes:
+                raise ValueError(f"pods[{i}] ({p.namespace}/{p.name}): node {p.node!r} is not defined in nodes")
+            if p.namespace not in self.namespaces:
+                raise ValueError(f"pods[{i}] ({p.namespace}/{p.name}): namespace {p.namespace!r} is not defined in namespaces")
+        _unique([f"{s.namespace}/{s.name}" for s in self.services], "service")
+        for i, s in enumerate(self.services):
+            if s.namespace not in self.namespaces:
+                raise ValueError(f"services[{i}] ({s.namespace}/{s.name}): namespace {s.namespace!r} is not defined in namespaces")
+        for i, w in enumerate(self.waypoints):
+            if w.node not in nodes:
+                raise ValueError(f"waypoints[{i}]: node {w.node!r} is not defined in nodes")
+            if w.namespace not in self.namespaces:
+                raise ValueError(f"waypoints[{i}]: namespace {w.namespace!r} is not defined in namespaces")
+            if self.mode_of_namespace(w.namespace) != "ambient":
+                raise ValueError(f"waypoints[{i}]: namespace {w.namespace!r} is not ambient (label {istio.LABEL_DATAPLANE_MODE}: ambient)")
+        _unique([f"{w.namespace}/{w.name}" for w in self.waypoints], "waypoint")
+        clash = {f"{w.namespace}/{w.name}" for w in self.waypoints} & {f"{p.namespace}/{p.name}" for p in self.pods}
+        if clash:
+            raise ValueError(f"waypoint and pod share a name: {', '.join(sorted(clash))}")
+        pods = {f"{p.namespace}/{p.name}" for p in self.pods}
+        for i, rp in enumerate(self.paths):
+            if rp.from_ not in pods:
+                raise ValueError(f"paths[{i}] ({rp.name}): client pod {rp.from_!r} is not defined in pods (use <namespace>/<pod>)")
+        return self
+
+    def mode_of_namespace(self, ns: str) -> Literal["ambient", "sidecar", "plain"]:
+        labels = self.namespaces[ns].labels if ns in self.namespaces else {}
+        if labels.get(istio.LABEL_INJECTION) == istio.INJECTION_ENABLED:
+            return "sidecar"
+        if labels.get(istio.LABEL_DATAPLANE_MODE) == istio.DATAPLANE_MODE_AMBIENT:
+            return "ambient"
+        return "plain"
+
+    def mode_of_pod(self, pod: Pod) -> Literal["ambient", "sidecar", "plain"]:
+        """Sidecar injection wins over ambient (the pod gets sidecar.istio.io/status, §3)."""
+        mode = self.mode_of_namespace(pod.namespace)
+        if pod.labels.get("sidecar.istio.io/inject") == "false" or pod.annotations.get("sidecar.istio.io/inject") == "false":
+            mode = "plain" if mode == "sidecar" else mode
+        if mode == "ambient" and pod.annotations.get(istio.ANNOTATION_REDIRECTION) == "disabled":
+            mode = "plain"
+        return mode
+
+    @property
+    def has_ambient(self) -> bool:
+        return any(self.mode_of_namespace(ns) == "ambient" for ns in self.namespaces)
+
+
+def _unique(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"duplicate {what} {n!r}")
+        seen.add(n)
