@@ -14,6 +14,7 @@ CONN_SKIP_MARK = 0x220  # skip, saved to connmark so the reverse direction skips
 PROXY_MARK = 0x210  # ztunnel sending with a spoofed (pod) source IP; saved to connmark
 PROXY_RET_MARK = 0x040  # return traffic of a 0x210 connection -> table 102 -> ZT_VETH
 OUTPUT_SKIP_MARK = 0x220  # ztunnel-OUTPUT: "--set-mark 0x220", i.e. --set-xmark 0x220/0xffffffff
+FULL_MASK = 0xFFFFFFFF  # what a mask-less "--set-mark V" means: iptables-save prints V/0xffffffff
 
 # --- §1.6 / §1.7 node policy routing [CNI-NODE, ZT-NODE] ---
 RULE_PRIO_SKIP = 100  # fwmark 0x200/0x200 goto 32766
@@ -54,6 +55,7 @@ CHAIN_ZT_FORWARD = "ztunnel-FORWARD"
 TPROXY_MARK = 0x400  # --tproxy-mark 0x400/0xfff
 TPROXY_MASK = 0xFFF
 ORG_SRC_RET_MARK = 0x4D3  # 1235: packets for ztunnel's spoofed sockets arriving over eth0
+ORG_SRC_RET_MASK = 0xFFF  # CNI-CONST OrgSrcRetMask: --set-xmark 0x4d3/0xfff
 ZT_RULE_PRIO_TPROXY = 20000  # fwmark 0x400/0xfff lookup 100
 ZT_RULE_PRIO_ORG_SRC_RET = 20003  # fwmark 0x4d3/0xfff lookup 100
 ZT_POD_IF = "eth0"

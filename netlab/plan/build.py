@@ -93,6 +93,9 @@ class _Builder:
             "IptRule": "ipt_rules", "File": "files", "Process": "processes",
         }
         for o in objs:
+            if isinstance(o, IptRule):  # one rule text may stand several times in a chain (§1.5 #7, #11, #14)
+                self.objs["ipt_rules"].append(o)
+                continue
             prev = self._keys.get(o.key)
             if prev is not None:
                 if prev != o:  # two stages want different values for one kernel object: a bug here

@@ -139,7 +139,8 @@ class IptRule:
 
     @property
     def key(self) -> str:
-        return f"ipt:{self.netns}:{self.table}:{self.chain}:{self.spec}"
+        # not unique on its own: the same text may stand twice in one chain (§1.5 #7 and #11)
+        return f"ipt:{self.netns}:{self.table}:{self.chain}:{self.ref}:{self.spec}"
 
 
 @dataclass(frozen=True)
