@@ -92,6 +92,7 @@ LABEL_INJECTION = "istio-injection"
 INJECTION_ENABLED = "enabled"
 LABEL_TUNNEL = "networking.istio.io/tunnel"  # "http" => sidecar speaks HBONE (native_hbone)
 ANNOTATION_REDIRECTION = "ambient.istio.io/redirection"
+LABEL_FOR_SERVICE_ACCOUNT = "istio.io/for-service-account"  # waypoint scoped to one SA (§7)
 ISTIO_SYSTEM_NS = "istio-system"
 ZTUNNEL_SA = "ztunnel"
 

@@ -192,9 +192,11 @@ class _Builder:
                 self._pod(name=f"ztunnel-{n.name}", namespace=istio.ISTIO_SYSTEM_NS, node=n.name, mode="ztunnel",
                           app="ztunnel", sa=istio.ZTUNNEL_SA, ports=(), labels={"app": "ztunnel"})
         for w in t.waypoints:
+            labels = {"gateway.istio.io/managed": "istio.io-mesh-controller"}
+            if w.serviceAccount:  # annotation istio.io/for-service-account on the Gateway (§7)
+                labels[istio.LABEL_FOR_SERVICE_ACCOUNT] = w.serviceAccount
             self._pod(name=w.name, namespace=w.namespace, node=w.node, mode="waypoint", app="waypoint",
-                      sa=w.serviceAccount or w.name, ports=(istio.HBONE_PORT,),
-                      labels={"gateway.istio.io/managed": "istio.io-mesh-controller"})
+                      sa=f"{w.name}-istio-waypoint", ports=(istio.HBONE_PORT,), labels=labels)
         for p in t.pods:
             ports = tuple(p.ports) or DEFAULT_APP_PORTS.get(p.app_name, ())
             labels = {"app": p.app_name, "version": p.version, **p.labels}

@@ -1,0 +1,153 @@
+"""The workload and service registry: what istiod would push to ztunnel (WDS) and Envoy (EDS).
+
+Derived from the plan alone, so every proxy of a lab sees the same, deterministic view. Written to
+``<state dir>/registry.json`` at ``up`` and loaded by ztunnel, sidecars and waypoints.
+
+Protocol per workload (reference §3, §5.2, AIDX): ambient-enrolled pods and waypoints speak HBONE;
+a sidecar pod labelled ``networking.istio.io/tunnel=http`` speaks HBONE natively (``native_hbone``);
+every other pod gets plain TCP.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from netlab import istio
+from netlab.plan.types import Plan, PodInfo
+
+Protocol = Literal["HBONE", "TCP"]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    namespace: str
+    ip: str
+    node: str
+    service_account: str
+    identity: str
+    protocol: Protocol
+    mode: str
+    native_hbone: bool = False
+    waypoints: tuple[str, ...] = ()  # waypoint pod IPs (§7 "Waypoint addresses")
+    app: str = ""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    name: str
+    namespace: str
+    vip: str
+    port: int
+    target_port: int
+    endpoints: tuple[str, ...]  # endpoint pod IPs
+
+
+@dataclass
+class Registry:
+    trust_domain: str
+    workloads: dict[str, Workload] = field(default_factory=dict)  # by IP
+    services: dict[str, ServiceEntry] = field(default_factory=dict)  # by "vip:port"
+    ztunnels: dict[str, str] = field(default_factory=dict)  # node -> ztunnel pod IP
+
+    # ---- lookups the proxies make ----
+    def workload(self, ip: str) -> Workload | None:
+        return self.workloads.get(ip)
+
+    def service(self, ip: str, port: int) -> ServiceEntry | None:
+        return self.services.get(f"{ip}:{port}")
+
+    def is_vip(self, ip: str) -> bool:
+        return any(s.vip == ip for s in self.services.values())
+
+    def resolve(self, ip: str, port: int, rng: random.Random | None = None) -> tuple[Workload, int] | None:
+        """Original destination -> (endpoint workload, port): a VIP picks a random endpoint and maps
+        servicePort -> targetPort (§4.2 'VIPs are resolved by ztunnel itself'); a pod IP is itself."""
+        svc = self.service(ip, port)
+        if svc is not None:
+            eps = [self.workloads[e] for e in svc.endpoints if e in self.workloads]
+            if not eps:
+                return None
+            return (rng or random).choice(eps), svc.target_port
+        wl = self.workload(ip)
+        return (wl, port) if wl is not None else None
+
+    def waypoint_of(self, wl: Workload) -> Workload | None:
+        for ip in wl.waypoints:
+            w = self.workloads.get(ip)
+            if w is not None:
+                return w
+        return None
+
+    def is_waypoint_identity(self, identity: str) -> bool:
+        return any(w.mode == "waypoint" and w.identity == identity for w in self.workloads.values())
+
+    # ---- persistence ----
+    def to_json(self) -> str:
+        return json.dumps({
+            "trust_domain": self.trust_domain,
+            "workloads": [asdict(w) for w in self.workloads.values()],
+            "services": [asdict(s) for s in self.services.values()],
+            "ztunnels": self.ztunnels,
+        }, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Registry":
+        d = json.loads(text)
+        r = cls(trust_domain=d["trust_domain"], ztunnels=dict(d["ztunnels"]))
+        for w in d["workloads"]:
+            w["waypoints"] = tuple(w.get("waypoints", ()))
+            r.workloads[w["ip"]] = Workload(**w)
+        for s in d["services"]:
+            s["endpoints"] = tuple(s["endpoints"])
+            r.services[f"{s['vip']}:{s['port']}"] = ServiceEntry(**s)
+        return r
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Registry":
+        return cls.from_json(Path(path).read_text())
+
+
+def _protocol(p: PodInfo) -> tuple[Protocol, bool]:
+    if p.mode in ("ambient", "waypoint"):
+        return "HBONE", False
+    if p.mode == "sidecar" and dict(p.labels).get(istio.LABEL_TUNNEL) == "http":
+        return "HBONE", True
+    return "TCP", False
+
+
+def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Registry:
+    reg = Registry(trust_domain=trust_domain)
+    waypoints = [p for p in plan.pods if p.mode == "waypoint"]
+    for p in plan.pods:
+        if p.mode == "ztunnel":
+            reg.ztunnels[p.node] = p.ip
+            continue
+        proto, native = _protocol(p)
+        wps: tuple[str, ...] = ()
+        if p.mode == "ambient":
+            # an SA-scoped waypoint wins over a namespace-wide one (§7)
+            def scope(w: PodInfo) -> str | None:
+                return dict(w.labels).get(istio.LABEL_FOR_SERVICE_ACCOUNT)
+
+            scoped = [w.ip for w in waypoints if w.namespace == p.namespace and scope(w) == p.service_account]
+            ns_wide = [w.ip for w in waypoints if w.namespace == p.namespace and scope(w) is None]
+            wps = tuple(scoped or ns_wide)
+        reg.workloads[p.ip] = Workload(
+            name=p.name, namespace=p.namespace, ip=p.ip, node=p.node, service_account=p.service_account,
+            identity=istio.spiffe_id(p.namespace, p.service_account, trust_domain), protocol=proto, mode=p.mode,
+            native_hbone=native, waypoints=wps, app=p.app)
+    ip_of = {p.ref: p.ip for p in plan.pods}
+    for s in plan.services:
+        reg.services[f"{s.vip}:{s.port}"] = ServiceEntry(
+            name=s.name, namespace=s.namespace, vip=s.vip, port=s.port, target_port=s.target_port,
+            endpoints=tuple(ip_of[e] for e in s.endpoints))
+    return reg
