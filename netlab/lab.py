@@ -63,7 +63,9 @@ class Lab:
     # ---- lifecycle ----
     @classmethod
     def up(cls, topology: str | os.PathLike[str], *, name: str | None = None, tunnel: str = "auto",
-           progress: Progress | None = None) -> "Lab":
+           progress: Progress | None = None, mesh: bool = True) -> "Lab":
+        """Create the lab; on any failure, remove what was made and raise. ``mesh=False`` starts no
+        proxies (every rule is still installed), for tests that listen where the proxies would."""
         from netlab.kernel import apply as kapply
         from netlab.plan.build import build_plan
         from netlab.topology.load import load_topology, resolve
@@ -76,7 +78,7 @@ class Lab:
         if lab in cls.running():
             raise LabStateError(f"lab {lab!r} is already up (see `netlab status {lab}`, or `netlab down {lab}` first)")
         mode = choose_tunnel(tunnel)
-        plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path))
+        plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path), mesh=mesh)
         kapply.apply(plan, progress=progress)  # rolls back on failure
         lab_obj = cls(plan)
         try:
@@ -88,6 +90,10 @@ class Lab:
 
     def _start_runtime(self, progress: Progress | None) -> None:
         procs = self.plan.processes
+        if any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
+            from netlab.mesh import bootstrap
+
+            bootstrap.prepare(self.plan, self.state_dir)
         if not procs:
             return
         from netlab.runtime.supervisor import start_supervisor

@@ -61,9 +61,12 @@ def mac_for(*parts: str) -> str:
     return "02:" + ":".join(f"{b:02x}" for b in h[:5])
 
 
-def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "userspace", source: str = "") -> Plan:
+def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "userspace", source: str = "",
+               mesh: bool = True) -> Plan:
+    """``mesh=False`` leaves out the proxies (ztunnel, sidecars, waypoints) but keeps every rule:
+    datapath tests put their own listeners where the proxies would be."""
     lab = lab or topo.name
-    b = _Builder(topo, lab, tunnel)
+    b = _Builder(topo, lab, tunnel, mesh)
     try:
         b.build()
     except TopologyError as e:
@@ -76,8 +79,8 @@ def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "user
 
 
 class _Builder:
-    def __init__(self, topo: Topology, lab: str, tunnel: Tunnel) -> None:
-        self.t, self.lab, self.tunnel = topo, lab, tunnel
+    def __init__(self, topo: Topology, lab: str, tunnel: Tunnel, mesh: bool = True) -> None:
+        self.t, self.lab, self.tunnel, self.mesh = topo, lab, tunnel, mesh
         self.nodes: list[NodeInfo] = []
         self.pods: list[PodInfo] = []
         self.services: list[ServiceInfo] = []
@@ -274,6 +277,16 @@ class _Builder:
 
     def _processes(self) -> None:
         for p in self.pods:
+            if self.mesh and p.mode == "ztunnel":
+                self.add([Process(name=f"ztunnel-{p.node}", netns=p.netns, kind="ztunnel", ref=p.ref,
+                                  argv=("netlab.mesh.ztunnel", "--lab", self.lab, "--node", p.node))])
+            elif self.mesh and p.mode == "waypoint":
+                self.add([Process(name=f"{p.name}.{p.namespace}", netns=p.netns, kind="waypoint", ref=p.ref,
+                                  argv=("netlab.mesh.waypoint", "--lab", self.lab, "--pod", p.ref))])
+            if self.mesh and p.mode == "sidecar":  # istio-proxy runs as 1337:1337 (§6 -u 1337)
+                self.add([Process(name=f"{p.name}.{p.namespace}-sidecar", netns=p.netns, kind="sidecar", ref=p.ref,
+                                  argv=("netlab.mesh.sidecar", "--lab", self.lab, "--pod", p.ref),
+                                  uid=istio.PROXY_UID, gid=istio.PROXY_GID)])
             if p.app in ("httpbin", "helloworld", "sink", "echo") and p.mode not in ("ztunnel", "waypoint"):
                 argv: list[str] = [f"netlab.apps.{p.app}", "--name", p.name]
                 for port in p.ports:

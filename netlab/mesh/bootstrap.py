@@ -1,0 +1,83 @@
+"""What a proxy process of a lab needs at start: the registry, the trust root, its certificates.
+
+``Lab.up`` prepares it all in the lab's state directory before any proxy starts (istiod's job):
+``registry.json`` and a CA under ``ca/`` with a leaf for every identity the lab has. Proxies only
+read files, so a sidecar running as uid 1337 never needs the CA key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from netlab import istio
+from netlab.mesh.ca import LabCA
+from netlab.mesh.registry import Registry, build_registry
+from netlab.plan.types import Plan
+
+REGISTRY_FILE = "registry.json"
+CA_DIR = "ca"
+CONN_LOG_DIR = "conn"
+
+
+def ztunnel_identity(trust_domain: str = istio.TRUST_DOMAIN) -> str:
+    return istio.spiffe_id(istio.ISTIO_SYSTEM_NS, istio.ZTUNNEL_SA, trust_domain)
+
+
+def prepare(plan: Plan, state_dir: str | os.PathLike[str]) -> Registry:
+    """istiod's part of ``up``: write the registry, create the CA, issue every identity's leaf."""
+    sd = Path(state_dir)
+    reg = build_registry(plan)
+    (sd / REGISTRY_FILE).write_text(reg.to_json())
+    ca = LabCA.open(sd / CA_DIR, trust_domain=reg.trust_domain)
+    os.chmod(ca.ca_cert_path, 0o644)
+    identities = {ztunnel_identity(reg.trust_domain)} | {w.identity for w in reg.workloads.values()}
+    for ident in sorted(identities):
+        ca.issue(ident)
+    # sidecars run as 1337:1337 (§6) and read their own key; nothing else is theirs
+    for w in reg.workloads.values():
+        if w.mode == "sidecar":
+            cert, key = ca.issue(w.identity)
+            for p in (cert.parent, cert, key):
+                os.chown(p, istio.PROXY_UID, istio.PROXY_GID)
+    (sd / CONN_LOG_DIR).mkdir(exist_ok=True)
+    os.chmod(sd / CONN_LOG_DIR, 0o1777)  # sidecars (uid 1337) append their connection logs here
+    for d in (sd, sd / CA_DIR, sd / CA_DIR / "certs"):
+        os.chmod(d, 0o755)
+    return reg
+
+
+@dataclass
+class MeshContext:
+    """A proxy's view of its lab, loaded from the state directory."""
+
+    state_dir: Path
+    registry: Registry
+
+    @classmethod
+    def load(cls, state_dir: str | os.PathLike[str]) -> "MeshContext":
+        sd = Path(state_dir)
+        return cls(state_dir=sd, registry=Registry.load(sd / REGISTRY_FILE))
+
+    @classmethod
+    def for_lab(cls, lab: str) -> "MeshContext":
+        from netlab.lab import state_dir
+
+        return cls.load(state_dir(lab))
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.state_dir / CA_DIR / "ca-cert.pem"
+
+    def cert_for(self, identity: str) -> tuple[Path, Path]:
+        """(cert, key) of an identity issued at ``up`` (same layout as ``LabCA.leaf_dir``)."""
+        td, _, rest = identity[len("spiffe://"):].partition("/")
+        leaf = self.state_dir / CA_DIR / "certs" / f"{td}_{rest.replace('/', '_')}"
+        cert, key = leaf / "cert.pem", leaf / "key.pem"
+        if not cert.exists():
+            raise FileNotFoundError(f"no certificate issued for {identity} (expected {cert})")
+        return cert, key
+
+    def conn_log_path(self, component: str) -> Path:
+        return self.state_dir / CONN_LOG_DIR / f"{component}.jsonl"
