@@ -79,7 +79,12 @@ class Lab:
             raise LabStateError(f"lab {lab!r} is already up (see `netlab status {lab}`, or `netlab down {lab}` first)")
         mode = choose_tunnel(tunnel)
         plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path), mesh=mesh)
-        kapply.apply(plan, progress=progress)  # rolls back on failure
+        try:
+            kapply.apply(plan, progress=progress)  # rolls back on failure
+        except kapply.ApplyError as e:
+            raise NetlabError(f"lab {lab}: {e}") from None
+        except FileExistsError as e:  # the ledger dir appeared meanwhile: another `up` of the same name
+            raise LabStateError(f"lab {lab!r} is already up or being brought up ({e})") from None
         lab_obj = cls(plan)
         try:
             lab_obj._start_runtime(progress)
@@ -120,7 +125,15 @@ class Lab:
             except Exception:  # noqa: BLE001 - the ledger-driven destroy below still kills what it recorded
                 pass
         rep = destroy.destroy(lab)
-        return str(rep) if rep else ""
+        parts = [f"{len(rep.netns_deleted)} namespaces"]
+        if rep.processes_stopped or rep.processes_killed:
+            parts.append(f"{len(rep.processes_stopped) + len(rep.processes_killed)} processes")
+        if rep.files_removed:
+            parts.append(f"{len(rep.files_removed)} files")
+        msg = "removed " + ", ".join(parts)
+        if rep.errors:
+            raise NetlabError(f"lab {lab}: {msg}, but: " + "; ".join(rep.errors))
+        return msg
 
     # ---- finding labs ----
     @staticmethod
