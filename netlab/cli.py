@@ -177,6 +177,25 @@ def cmd_rules(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    st = Lab.attach(a.lab).stats()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"{'PROCESS':<34} {'KIND':<9} {'NODE':<10} {'PID':>7} {'RSS MiB':>8} {'ESTAB':>6} {'LISTEN':>6} {'FDS':>5}")
+    for p in st["processes"]:
+        print(f"{p['name']:<34} {p['kind']:<9} {p['node']:<10} {p['pid']:>7} {p['rss_kib'] / 1024:>8.1f} "
+              f"{p['established']:>6} {p['listening']:>6} {p['fds']:>5}")
+    if st["nodes"]:
+        print()
+        for node, n in sorted(st["nodes"].items()):
+            print(f"node {node}: {n['proxies']} proxies, {n['proxy_rss_kib'] / 1024:.1f} MiB proxy RSS, "
+                  f"{n['established']} connections")
+    return 0
+
+
 def cmd_logs(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
@@ -249,6 +268,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", help="a node name, a pod (name or ns/name), or ztunnel:<node>")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_rules)
+
+    s = sub.add_parser("stats", help="memory (RSS) and connection counts per proxy process",
+                       description="RSS, TCP connections and fds of every process of the lab, and the total proxy "
+                                   "memory per node (compare ambient's one ztunnel per node with one sidecar per pod).")
+    lab_opt(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_stats)
 
     s = sub.add_parser("logs", help="logs of a lab process (ztunnel-<node>, <pod>.<ns>, geneve-<node>, ...)")
     lab_opt(s)

@@ -229,6 +229,24 @@ class Lab:
             "tunnels": _tunnels(run("ip", "-d", "link", "show")),
         }
 
+    def stats(self) -> dict[str, Any]:
+        """RSS and TCP connections per lab process, and proxy memory totals per node."""
+        from netlab import stats
+
+        pods = {x.ref: x for x in self.plan.pods}
+        node_of = {pr.name: pods[pr.ref].node for pr in self.plan.processes if pr.ref in pods}
+        node_of.update({pr.name: pr.name.removeprefix("geneve-").removeprefix("ztunnel-") for pr in self.plan.processes
+                        if pr.kind == "geneve"})
+        procs = stats.process_stats(self.state_dir, node_of)
+        per_node: dict[str, dict[str, int]] = {}
+        for s in procs:
+            if s.kind in ("ztunnel", "sidecar", "waypoint"):
+                n = per_node.setdefault(s.node, {"proxies": 0, "proxy_rss_kib": 0, "established": 0})
+                n["proxies"] += 1
+                n["proxy_rss_kib"] += s.rss_kib
+                n["established"] += s.established
+        return {"lab": self.name, "processes": stats.as_dicts(procs), "nodes": per_node}
+
     def logs(self, component: str | None, lines: int = 50, follow: bool = False) -> None:
         from netlab.runtime import logs
 
