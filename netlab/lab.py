@@ -105,7 +105,7 @@ class Lab:
 
         if progress:
             progress("processes", 0, len(procs))
-        start_supervisor(self.name, list(procs), str(self.state_dir), timeout=30.0)
+        start_supervisor(self.name, list(procs), str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
         if progress:
             progress("processes", len(procs), len(procs))
 
