@@ -196,6 +196,24 @@ def cmd_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace(a: argparse.Namespace) -> int:
+    from netlab.verify.trace import run_cli
+
+    return run_cli(a)
+
+
+def cmd_capture(a: argparse.Namespace) -> int:
+    from netlab.verify.capture import run_cli
+
+    return run_cli(a)
+
+
+def cmd_diagram(a: argparse.Namespace) -> int:
+    from netlab.verify.diagram import run_cli
+
+    return run_cli(a)
+
+
 def cmd_logs(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
@@ -269,6 +287,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_rules)
 
+    s = sub.add_parser("trace", help="send a tagged request and show every hop it takes, checked against the path's contract",
+                       description="Send a real request from a pod, capture it on every interface of every namespace "
+                                   "it may cross, join the proxies' connection legs, and print the hops in order "
+                                   "(namespace, interface, direction, addresses, Geneve VNI, iptables rules that "
+                                   "matched, ip rule/table, proxy leg). Exit 0 when the hops match the topology's "
+                                   "hop contract, 1 when they do not (naming the first hop that diverged).")
+    lab_opt(s)
+    s.add_argument("--from", dest="src", required=True, metavar="POD", help="client pod (name or ns/name)")
+    s.add_argument("--to", dest="dst", required=True, metavar="HOST[:PORT]",
+                   help="service name (<svc>.<ns>), VIP or pod IP, with the port (default 80)")
+    s.add_argument("--path", dest="url", default=None, help="HTTP path to request (default: the contract's, else /)")
+    s.add_argument("--contract", default=None, help="name of the topology path whose hops to check (default: by from/to)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("capture", help="capture lab interfaces to pcapng (one interface per <netns>/<iface>)",
+                       description="Capture while CMD runs (or until Ctrl-C) and write pcapng whose interfaces are "
+                                   "named <netns>/<iface>; open it in Wireshark or tshark.")
+    lab_opt(s)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--hops", nargs="?", const="", default=None, metavar="PATH",
+                   help="the interfaces of a topology path's hop contract (default: every path's)")
+    g.add_argument("--iface", action="append", metavar="NETNS:IFACE", help="an interface to capture (repeatable)")
+    s.add_argument("-w", "--write", required=True, metavar="FILE.pcapng")
+    s.add_argument("--filter", default=None, help="BPF filter (default: everything but ARP/IPv6 noise)")
+    s.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    s.set_defaults(func=cmd_capture)
+
+    s = sub.add_parser("diagram", help="draw the lab (or a topology) as SVG, optionally with a traced path",
+                       description="Nodes, pods, proxies and tunnels rendered with Graphviz; with --trace, the "
+                                   "observed numbered path drawn over it, annotated with marks and tables.")
+    s.add_argument("target", metavar="LAB|TOPOLOGY")
+    s.add_argument("-o", "--output", required=True, metavar="FILE.svg")
+    s.add_argument("--trace", nargs=2, metavar=("FROM", "TO"), help="trace a request first and draw its hops")
+    s.set_defaults(func=cmd_diagram)
+
     s = sub.add_parser("stats", help="memory (RSS) and connection counts per proxy process",
                        description="RSS, TCP connections and fds of every process of the lab, and the total proxy "
                                    "memory per node (compare ambient's one ztunnel per node with one sidecar per pod).")
@@ -291,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
-    needs_root = a.command not in ("plan", "list")
+    needs_root = a.command not in ("plan", "list") and not (a.command == "diagram" and not a.trace)
     if needs_root and os.geteuid() != 0 and a.command != "doctor":
         print(f"netlab {a.command}: needs root (network namespaces, iptables); run with sudo", file=sys.stderr)
         return 1
