@@ -1,0 +1,248 @@
+"""Starting one supervised program inside its network namespace.
+
+Two ways in, chosen per process with ``exec_mode``:
+
+* ``setns`` (default): the forked child calls ``setns(2)`` in ``preexec_fn`` and then execs
+  Python directly. The supervisor is single-threaded, so running Python code between fork and
+  exec is safe. Measured on the 2-core dev VM (15 runs each, medians): exec of /bin/true
+  2.3 ms via setns vs 2.0 ms via ``ip netns exec`` (a Python ``preexec_fn`` forces fork instead
+  of vfork, which eats the saved exec); httpbin spawn-to-ready 77.8 vs 78.6 ms (interpreter
+  start dominates). Speed is a wash; setns is preferred because it works with ``uid``/``gid``
+  drops and needs no mount namespace unless ``netns_etc`` asks for one (+9 ms).
+* ``ip-netns-exec``: exec ``ip netns exec <netns> python -m ...``, for comparison and as a
+  fallback. Root only (``ip netns exec`` needs CAP_SYS_ADMIN).
+
+``netns_etc=True`` reproduces what ``ip netns exec`` does for name resolution: a private mount
+namespace in which every file under ``/etc/netns/<netns>/`` is bind-mounted over the same name
+in ``/etc`` (so ``/etc/netns/<netns>/hosts`` becomes that process's ``/etc/hosts``), and
+``/sys`` is remounted to describe the namespace.
+
+Dropping to ``uid``/``gid`` (sidecars run as 1337:1337) happens after ``setns``, which needs
+root. If that user cannot read the interpreter (on the dev VM Python lives under a 0700
+``/root``), the child keeps CAP_DAC_READ_SEARCH as an *ambient* capability so it can still
+exec and import; nothing else is kept unless the spec's ``caps`` asks for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from netlab.kernel import ns
+
+CLONE_NEWNS = 0x00020000
+MS_BIND, MS_REC, MS_SLAVE, MS_RDONLY = 4096, 16384, 1 << 19, 1
+MNT_DETACH = 2
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 8, 47, 2
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+CAPS = {"CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12,
+        "CAP_NET_RAW": 13, "CAP_SYS_ADMIN": 21}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class ProcSpec:
+    """A ``netlab.plan.types.Process`` plus how to run it. Extra keys are optional in spec JSON."""
+
+    name: str
+    netns: str  # "" = stay in the supervisor's namespace (used by unprivileged tests)
+    kind: str
+    argv: tuple[str, ...]
+    uid: int = 0
+    gid: int = 0
+    ref: str = ""
+    exec_mode: Literal["setns", "ip-netns-exec"] = "setns"
+    netns_etc: bool = False
+    env: tuple[tuple[str, str], ...] = ()
+    caps: tuple[str, ...] = ()  # ambient capabilities to keep after dropping to uid
+    ready_timeout: float = 30.0
+
+    @classmethod
+    def from_any(cls, p: Any) -> "ProcSpec":
+        """Accept a ProcSpec, a plan ``Process`` (any dataclass) or a dict from JSON."""
+        if isinstance(p, ProcSpec):
+            return p
+        d = asdict(p) if hasattr(p, "__dataclass_fields__") else dict(p)
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"process {d.get('name')!r}: unknown keys {sorted(unknown)}")
+        d["argv"] = tuple(d.get("argv") or ())
+        env = d.get("env") or ()
+        d["env"] = tuple(sorted(env.items())) if isinstance(env, Mapping) else tuple(tuple(e) for e in env)
+        d["caps"] = tuple(d.get("caps") or ())
+        spec = cls(**d)
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name in ("supervisor", ".", ".."):
+            raise ValueError(f"bad process name {self.name!r}")
+        if not self.argv:
+            raise ValueError(f"process {self.name!r}: empty argv (argv[0] must be a Python module)")
+        if self.exec_mode not in ("setns", "ip-netns-exec"):
+            raise ValueError(f"process {self.name!r}: exec_mode must be 'setns' or 'ip-netns-exec'")
+        if self.exec_mode == "ip-netns-exec" and (self.uid or self.gid or not self.netns):
+            raise ValueError(f"process {self.name!r}: ip-netns-exec needs a netns and runs as root; use setns")
+        if self.netns_etc and not self.netns:
+            raise ValueError(f"process {self.name!r}: netns_etc needs a netns")
+        for c in self.caps:
+            if c not in CAPS:
+                raise ValueError(f"process {self.name!r}: unknown capability {c!r} (known: {sorted(CAPS)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["env"] = dict(self.env)
+        return d
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", *self.argv]
+        if self.exec_mode == "ip-netns-exec":
+            return ["ip", "netns", "exec", self.netns, *cmd]
+        return cmd
+
+
+def _can_access(path: str, uid: int, gid: int, mode: int) -> bool:
+    """Would ``uid:gid`` (no supplementary groups) get ``mode`` (R_OK/X_OK bits) on ``path``?"""
+    if uid == 0:
+        return True
+    p = Path(os.path.realpath(path))
+    chain = list(reversed(p.parents)) + [p]
+    for i, d in enumerate(chain):
+        try:
+            st = os.stat(d)
+        except OSError:
+            return False
+        need = mode if i == len(chain) - 1 else os.X_OK
+        if st.st_uid == uid:
+            bits = (st.st_mode >> 6) & 7
+        elif st.st_gid == gid:
+            bits = (st.st_mode >> 3) & 7
+        else:
+            bits = st.st_mode & 7
+        if stat.S_ISDIR(st.st_mode) and i == len(chain) - 1:
+            need = os.X_OK | os.R_OK if mode & os.R_OK else os.X_OK
+        if bits & need != need:
+            return False
+    return True
+
+
+def needs_read_search(uid: int, gid: int) -> bool:
+    """True if uid:gid cannot exec this interpreter or read the stdlib and netlab itself."""
+    import netlab
+
+    paths = [(sys.executable, os.X_OK | os.R_OK), (os.path.dirname(os.__file__), os.R_OK),
+             (list(netlab.__path__)[0], os.R_OK)]
+    return not all(_can_access(p, uid, gid, m) for p, m in paths)
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount_netns_etc(netns: str) -> None:
+    """What ``ip netns exec`` does after setns (iproute2 lib/namespace.c netns_switch)."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # Don't let our bind mounts propagate back to the host's mount namespace.
+    _check(_libc.mount(b"none", b"/", None, MS_SLAVE | MS_REC, None), "mount --make-rslave /")
+    flags = 0
+    if _libc.umount2(b"/sys", MNT_DETACH) != 0:
+        flags = MS_RDONLY
+    _libc.mount(netns.encode(), b"/sys", b"sysfs", flags, None)  # best effort, as ip does
+    etc_dir = Path("/etc/netns") / netns
+    if etc_dir.is_dir():
+        for entry in sorted(etc_dir.iterdir()):
+            target = Path("/etc") / entry.name
+            _check(_libc.mount(str(entry).encode(), str(target).encode(), b"none", MS_BIND, None),
+                   f"bind {entry} -> {target}")
+
+
+def _drop_privileges(uid: int, gid: int, caps: tuple[str, ...]) -> None:
+    mask = 0
+    for c in caps:
+        mask |= 1 << CAPS[c]
+    if mask:
+        _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if mask:
+        hdr = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+        data = (_CapData * 2)()
+        for i in range(2):
+            word = (mask >> (32 * i)) & 0xFFFFFFFF
+            data[i].effective = data[i].permitted = data[i].inheritable = word
+        _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+        for c in caps:
+            _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAPS[c], 0, 0), f"ambient raise {c}")
+
+
+def make_preexec(spec: ProcSpec, caps: tuple[str, ...], parent_pid: int) -> Any:
+    """The function run in the child between fork and exec (stdout/stderr already on the log)."""
+
+    def preexec() -> None:
+        try:
+            if spec.netns and spec.exec_mode == "setns":
+                ns.setns(spec.netns)
+                if spec.netns_etc:
+                    _mount_netns_etc(spec.netns)
+            if spec.uid or spec.gid:
+                _drop_privileges(spec.uid, spec.gid, caps)
+            # Last, because credential changes reset it: if the supervisor dies (even by
+            # SIGKILL) its children get SIGTERM instead of running on unsupervised.
+            _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+            if os.getppid() != parent_pid:
+                os._exit(70)
+        except BaseException as e:
+            os.write(2, f"netlab supervisor: cannot start {spec.name!r} in netns {spec.netns!r}: {e}\n".encode())
+            raise
+
+    return preexec
+
+
+def child_env(spec: ProcSpec, lab: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    import netlab
+
+    env = dict(os.environ if base is None else base)
+    root = str(Path(list(netlab.__path__)[0]).parent)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.update(PYTHONUNBUFFERED="1", NETLAB_LAB=lab, NETLAB_PROC=spec.name, NETLAB_NETNS=spec.netns)
+    env.update(dict(spec.env))
+    return env
+
+
+def spawn(spec: ProcSpec, lab: str, log_fd: int, caps: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """Fork/exec one process with stdout+stderr on ``log_fd``; nothing else is inherited.
+
+    ``start_new_session`` makes the child a process-group leader so the supervisor can signal
+    the whole group (the app and anything it forked) with one killpg.
+    """
+    return subprocess.Popen(
+        spec.command(), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True,
+        cwd="/", env=child_env(spec, lab), start_new_session=True,
+        preexec_fn=make_preexec(spec, caps, os.getpid()),
+    )
