@@ -1,0 +1,163 @@
+"""The sidecar's outbound side: ``virtualOutbound`` on 15001 (reference §5.2, §6).
+
+The app's connection was REDIRECTed to 15001 by ``ISTIO_OUTPUT``; ``SO_ORIGINAL_DST`` gives
+where the app meant to go. Envoy then picks an endpoint from EDS. With the lab's ambient
+profile (``PILOT_ENABLE_HBONE`` + ``ISTIO_META_ENABLE_HBONE``) EDS rewrites every endpoint that
+supports a tunnel into an internal ``connect_originate`` address, so:
+
+* tunnel-capable endpoint (ambient pod, waypoint, sidecar labelled ``tunnel=http``): HBONE to
+  ``<tunnel IP>:15008`` where the tunnel IP is the endpoint's first waypoint if it has one, else
+  the endpoint itself; ``:authority`` is always ``<endpoint pod IP>:<target port>`` (the sidecar
+  resolved the VIP itself, unlike ztunnel which sends the VIP to the waypoint);
+* any other endpoint: plain TCP to ``<endpoint IP>:<target port>``;
+* unknown destination: ``PassthroughCluster`` (plain TCP to the original destination);
+* a known service without endpoints: reset (Envoy's "no healthy upstream").
+
+The sidecar runs as uid 1337, so its own upstream sockets are exempt from capture (§6) and it
+never needs to bind or spoof a source: the kernel picks the pod IP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+from netlab import istio
+from netlab.mesh.connlog import ConnLog, Leg, addr
+from netlab.mesh.hbone import HboneError, baggage_header, format_authority, hbone_connect
+from netlab.mesh.registry import Registry, Workload
+from netlab.mesh.relay import Endpoint, relay, tcp_connect, tcp_stream_from_socket
+from netlab.mesh.sidecar.base import TrustDomainSans
+from netlab.mesh.sockets import original_dst
+
+log = logging.getLogger(__name__)
+
+RouteKind = Literal["hbone", "tcp", "passthrough", "no_endpoint", "blackhole"]
+# Envoy's outbound cluster default vs connect_originate (§5.2 "connect timeout 2 s")
+TCP_CONNECT_TIMEOUT_S = istio.CONNECT_TIMEOUT_S
+HBONE_CONNECT_TIMEOUT_S = istio.WAYPOINT_CONNECT_TIMEOUT_S
+# Ports of the proxy itself: a connection "to" them would loop straight back into us.
+PROXY_PORTS = (istio.SIDECAR_OUTBOUND_PORT, istio.SIDECAR_INBOUND_PORT)
+
+
+@dataclass(frozen=True)
+class OutboundRoute:
+    """Where one captured connection goes. ``target`` is the TCP address we connect to."""
+
+    kind: RouteKind
+    target: tuple[str, int] | None
+    endpoint: Workload | None = None
+    authority: str = ""  # HBONE :authority (endpoint pod IP:target port)
+    via_waypoint: Workload | None = None
+
+    @property
+    def expected_identity_hint(self) -> str:
+        """The identity the server *should* present (for the log; the check itself is a prefix)."""
+        if self.via_waypoint is not None:
+            return self.via_waypoint.identity
+        return self.endpoint.identity if self.endpoint is not None else ""
+
+
+def route_outbound(reg: Registry, orig: tuple[str, int], *, hbone_port: int = istio.HBONE_PORT,
+                   rng: random.Random | None = None) -> OutboundRoute:
+    """EDS + the §5.2 rewrite as a pure function of the registry and the original destination."""
+    ip, port = orig
+    svc = reg.service(ip, port)
+    res = reg.resolve(ip, port, rng)
+    if res is None:
+        if svc is not None:
+            return OutboundRoute("no_endpoint", None)
+        return OutboundRoute("passthrough", orig)
+    wl, target_port = res
+    if wl.protocol == "HBONE":
+        wp = reg.waypoint_of(wl)
+        tunnel_ip = wp.ip if wp is not None else wl.ip
+        return OutboundRoute("hbone", (tunnel_ip, hbone_port), endpoint=wl,
+                             authority=format_authority(wl.ip, target_port), via_waypoint=wp)
+    return OutboundRoute("tcp", (wl.ip, target_port), endpoint=wl)
+
+
+class Outbound:
+    """Handles connections accepted on 15001; one ConnLog line per connection."""
+
+    def __init__(self, *, reg: Registry, me: Workload, cert: tuple[str, str], ca: str, conn_log: ConnLog,
+                 component: str, baggage: str | None = None, hbone_port: int = istio.HBONE_PORT,
+                 listener_port: int = istio.SIDECAR_OUTBOUND_PORT, rng: random.Random | None = None) -> None:
+        self.reg = reg
+        self.me = me
+        self.cert = cert
+        self.ca = ca
+        self.conn_log = conn_log
+        self.component = component
+        self.baggage = baggage if baggage is not None else default_baggage(me)
+        self.hbone_port = hbone_port
+        self.listener = f"outbound:{listener_port}"
+        self.rng = rng
+        self.sans = TrustDomainSans(reg.trust_domain)
+
+    async def on_accept(self, sock: socket.socket) -> None:
+        """Accept-loop entry: read the original destination off the conntrack entry, then serve."""
+        try:
+            orig = original_dst(sock)
+        except OSError as e:  # the socket already died
+            log.info("outbound: no original destination: %s", e)
+            sock.close()
+            return
+        await self.serve(sock, orig)
+
+    async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
+        """Proxy one downstream connection whose original destination is ``orig``."""
+        leg = Leg(component=self.component, listener=self.listener, src=addr(sock.getpeername()),
+                  orig_dst=addr(orig), local=addr(sock.getsockname()), src_id=self.me.identity)
+        try:
+            down = await tcp_stream_from_socket(sock)
+        except OSError as e:
+            sock.close()
+            self.conn_log.write(leg.finish(f"error:{e}"))
+            return
+        route = route_outbound(self.reg, orig, hbone_port=self.hbone_port, rng=self.rng)
+        leg.extra["route"] = route.kind
+        if route.via_waypoint is not None:
+            leg.extra["waypoint"] = route.via_waypoint.ref
+        if route.target is None or (orig[1] in PROXY_PORTS and orig[0] == self.me.ip):
+            down.abort()  # no healthy upstream / would loop into ourselves: reset, like Envoy
+            self.conn_log.write(leg.finish("no_healthy_upstream" if route.kind == "no_endpoint" else "blackhole"))
+            return
+        leg.up_dst = addr(route.target)
+        up: Endpoint
+        try:
+            if route.kind == "hbone":
+                leg.proto, leg.authority = "hbone", route.authority
+                up = await hbone_connect(
+                    route.target, route.authority, client_cert=self.cert[0], client_key=self.cert[1], ca=self.ca,
+                    expected_identity=self.sans, headers={"baggage": self.baggage},
+                    timeout=HBONE_CONNECT_TIMEOUT_S)
+                leg.dst_id = up.peer_identity or ""  # type: ignore[attr-defined]
+                leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
+            else:
+                up = await tcp_connect(route.target, timeout=TCP_CONNECT_TIMEOUT_S)
+                leg.dst_id = route.endpoint.identity if route.endpoint is not None else ""
+                leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
+        except HboneError as e:
+            down.abort()
+            self.conn_log.write(leg.finish(str(e.status) if e.status is not None else f"error:{e.reason}"))
+            return
+        except (OSError, asyncio.TimeoutError) as e:
+            down.abort()
+            self.conn_log.write(leg.finish("refused" if isinstance(e, ConnectionRefusedError) else f"error:{e}"))
+            return
+        res = await relay(down, up)
+        leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
+        if res.outcome != "ok":
+            leg.extra["reset"] = res.outcome
+        self.conn_log.write(leg.finish("ok" if res.outcome == "ok" else "reset"))
+
+
+def default_baggage(me: Workload, version: str = "latest") -> str:
+    """Envoy's sidecar ``baggage``: like ztunnel's, but the workload type is always ``deployment``."""
+    return baggage_header(namespace=me.namespace, workload_name=me.name, service_name=me.app or me.name,
+                          service_version=version, workload_type="deployment")
