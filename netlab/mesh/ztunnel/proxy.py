@@ -1,0 +1,173 @@
+"""What every ztunnel listener shares (ztunnel ``proxy.rs`` ``ProxyInputs``), and the one way
+upstream connections are opened (``freebind_connect`` + HBONE client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from netlab.mesh import hbone
+from netlab.mesh.bootstrap import MeshContext, ztunnel_identity
+from netlab.mesh.connlog import ConnLog, Leg, addr
+from netlab.mesh.registry import Registry, Workload
+from netlab.mesh.relay import WRITE_HIGH, WRITE_LOW, Endpoint, TcpStream, _TcpProtocol, relay, tcp_connect
+from netlab.mesh.ztunnel.authz import AllowAll, Authorizer
+from netlab.mesh.ztunnel.config import ZtunnelConfig
+from netlab.mesh.ztunnel.route import Reject, Route
+
+log = logging.getLogger("netlab.ztunnel")
+
+
+@dataclass
+class ProxyInputs:
+    cfg: ZtunnelConfig
+    ctx: MeshContext
+    connlog: ConnLog
+    authz: Authorizer = field(default_factory=AllowAll)
+    rng: random.Random = field(default_factory=random.Random)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def registry(self) -> Registry:
+        return self.ctx.registry
+
+    @property
+    def ca(self) -> Path:
+        return self.ctx.ca_cert
+
+    def own_cert(self) -> tuple[Path, Path]:
+        """ztunnel's own identity: served when a CONNECT targets no local workload (then 404)."""
+        return self.ctx.cert_for(ztunnel_identity(self.registry.trust_domain))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run a per-connection task, keeping a reference so it is not collected mid-flight."""
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def new_leg(self, listener: str, src: str, orig_dst: str, local: str) -> Leg:
+        return Leg(component=self.cfg.component, listener=listener, src=src, orig_dst=orig_dst, local=local)
+
+    def write_leg(self, leg: Leg, outcome: str | None = None) -> None:
+        try:
+            self.connlog.write(leg.finish(outcome))
+        except OSError as e:  # a full disk must not take the datapath down
+            log.warning("connlog: %s", e)
+
+    def spoof(self, source_ip: str | None) -> tuple[tuple[str, int] | None, bool]:
+        """(bind address, transparent) for an upstream socket; no spoofing when disabled."""
+        if source_ip is None or not self.cfg.transparent:
+            return None, False
+        return (source_ip, 0), True
+
+
+def hbone_headers(src: Workload | None, client_ip: str) -> list[tuple[str, str]]:
+    """ztunnel's CONNECT headers: baggage of the source workload, Forwarded for=, traceparent."""
+    hdrs: list[tuple[str, str]] = []
+    if src is not None:
+        hdrs.append((hbone.BAGGAGE_HEADER, hbone.baggage_header(
+            namespace=src.namespace, workload_name=src.name, service_name=src.app or src.name)))
+    hdrs.append((hbone.FORWARDED_HEADER, hbone.forwarded_header(client_ip)))
+    hdrs.append((hbone.TRACEPARENT_HEADER, hbone.new_traceparent()))
+    return hdrs
+
+
+async def open_upstream(pi: ProxyInputs, route: Route, client_ip: str) -> Endpoint:
+    """Connect where ``route`` says: HBONE (mTLS as the source workload) or plain TCP, from the
+    spoofed ``route.source_ip`` (or our own IP). Raises HboneError / OSError / TimeoutError."""
+    source, transparent = pi.spoof(route.source_ip)
+    if route.hbone:
+        assert route.client_identity is not None
+        cert, key = pi.ctx.cert_for(route.client_identity)
+        src_wl = pi.registry.workload(client_ip)
+        return await hbone.hbone_connect(
+            route.addr, route.authority, client_cert=cert, client_key=key, ca=pi.ca,
+            expected_identity=route.expected_identity, headers=hbone_headers(src_wl, client_ip),
+            source=source, transparent=transparent, timeout=pi.cfg.connect_timeout)
+    return await tcp_connect(route.addr, source=source, transparent=transparent, timeout=pi.cfg.connect_timeout)
+
+
+def upstream_failure(e: BaseException) -> str:
+    """Connection-log outcome for a failed upstream: the HBONE status if one came back."""
+    if isinstance(e, hbone.HboneError) and e.status is not None:
+        return str(e.status)
+    return f"error:{e}"[:200]
+
+
+def relay_outcome(result_outcome: str) -> tuple[str, dict[str, str]]:
+    if result_outcome == "ok":
+        return "ok", {}
+    return "reset", {"reset": result_outcome}
+
+
+class _AcceptedProtocol(_TcpProtocol):
+    """The TcpStream protocol, plus: start the connection's handler once the transport exists."""
+
+    def __init__(self, ep: TcpStream, start: Callable[[TcpStream], object]) -> None:
+        super().__init__(ep)
+        self._start = start
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._start(self.ep)
+
+
+def accept_factory(pi: ProxyInputs, handler: Callable[[ProxyInputs, TcpStream], Coroutine[Any, Any, None]]
+                   ) -> Callable[[], asyncio.Protocol]:
+    """Protocol factory for ``loop.create_server``: each accepted connection becomes a TcpStream
+    (pull mode: it buffers what the client sends while we connect upstream) and a handler task."""
+
+    def factory() -> asyncio.Protocol:
+        ep = TcpStream()
+        ep.protocol = _AcceptedProtocol(ep, lambda e: pi.spawn(handler(pi, e)))
+        return ep.protocol
+
+    return factory
+
+
+Decide = Callable[[str, tuple[str, int]], Union[Route, Reject]]
+
+
+async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide: Decide) -> None:
+    """One captured TCP connection (15001 or 15006): decide, connect upstream, relay, log one leg.
+
+    A rejected or failed connection is reset (RST), as ztunnel drops the socket on error.
+    """
+    assert down._transport is not None  # handlers start from connection_made
+    down._transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
+    peer, local = down.peer_addr, down.local_addr
+    if not peer or not local:  # the client went away between accept and here
+        down.abort()
+        return
+    leg = pi.new_leg(listener, addr(peer), addr(local), addr(local))
+    d = decide(peer[0], (local[0], local[1]))
+    if isinstance(d, Reject):
+        down.abort()
+        leg.extra["reason"] = d.reason
+        pi.write_leg(leg, "refused")
+        return
+    leg.proto = "hbone" if d.hbone else "tcp"
+    leg.up_dst = addr(d.addr)
+    leg.authority = d.authority
+    leg.src_id = d.client_identity or ""
+    leg.dst_id = d.expected_identity or (d.dst.identity if d.dst else "")
+    leg.extra["route"] = d.kind
+    try:
+        up = await open_upstream(pi, d, peer[0])
+    except Exception as e:  # noqa: BLE001 - every failure is a reset plus a log line
+        down.abort()
+        pi.write_leg(leg, upstream_failure(e))
+        return
+    leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
+    res = await relay(down, up)
+    leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
+    outcome, extra = relay_outcome(res.outcome)
+    leg.extra.update(extra)
+    pi.write_leg(leg, outcome)
