@@ -117,13 +117,19 @@ class Lab:
         from netlab.kernel import destroy
 
         sd = state_dir(lab)
-        if (sd / "supervisor.pid").exists() or (sd / "procs.json").exists():
+        if any((sd / f).exists() for f in ("supervisor.json", "procs.json", "spec.json")):
             from netlab.runtime.supervisor import stop_supervisor
 
-            try:
-                stop_supervisor(str(sd))
-            except Exception:  # noqa: BLE001 - the ledger-driven destroy below still kills what it recorded
-                pass
+            for _ in range(2):
+                try:
+                    stop_supervisor(str(sd))
+                except Exception:  # noqa: BLE001 - the ledger-driven destroy below still kills what it recorded
+                    pass
+                # A supervisor launched by an `up` that was killed before the daemon wrote
+                # supervisor.json (or procs.json) is not in any record: find it by its command line,
+                # or it outlives `down` and recreates the state dir. Then look at the records again.
+                if not _stop_stray_supervisors(sd):
+                    break
         rep = destroy.destroy(lab)
         parts = [f"{len(rep.netns_deleted)} namespaces"]
         if rep.processes_stopped or rep.processes_killed:
@@ -257,6 +263,46 @@ class Lab:
         if component not in names:
             raise UsageError(f"no component {component!r} in lab {self.name!r} (components: {', '.join(names) or 'none'})")
         logs.tail(str(self.state_dir), component, lines, follow)
+
+
+def _supervisors_of(sd: Path) -> list[tuple[int, int]]:
+    """(pid, starttime) of live ``netlab.runtime.supervisor`` processes (launcher, intermediate
+    fork or daemon: they share one command line) whose ``--state-dir`` is ``sd``."""
+    from netlab.runtime import procfs
+
+    want = {str(sd), str(sd.resolve())}
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode("utf-8", "replace") for a in argv]
+        if "netlab.runtime.supervisor" not in args or "--state-dir" not in args:
+            continue
+        i = args.index("--state-dir")
+        if i + 1 < len(args) and args[i + 1] in want:
+            st = procfs.starttime(int(d.name))
+            if st is not None and procfs.alive(int(d.name), st):
+                out.append((int(d.name), st))
+    return out
+
+
+def _stop_stray_supervisors(sd: Path, rounds: int = 5) -> bool:
+    """SIGTERM (then SIGKILL) every supervisor process of ``sd``; rescan, as one may have forked
+    meanwhile. A daemon that gets SIGTERM stops its children itself. True if any was found."""
+    from netlab.runtime import procfs
+
+    found = False
+    for _ in range(rounds):
+        procs = _supervisors_of(sd)
+        if not procs:
+            break
+        found = True
+        procfs.terminate(procs, grace=5.0, group=False)
+    return found
 
 
 def _tunnels(link_text: str) -> str:

@@ -119,7 +119,7 @@ class Endpoint:
     def _t_consumed(self, n: int) -> None: pass
 
     # ---- transport -> endpoint ----------------------------------------------------------------
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | memoryview) -> None:
         n = len(data)
         self.bytes_received += n
         sink = self._sink
@@ -229,6 +229,8 @@ class Endpoint:
         if n < 0 or n >= self._buffered:
             data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
             self._chunks.clear()
+            if type(data) is not bytes:
+                data = bytes(data)  # HBONE hands over zero-copy memoryviews
         else:
             parts = []
             need = n

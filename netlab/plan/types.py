@@ -128,7 +128,7 @@ class IptRule:
 
     ``spec`` is exactly what ``iptables-legacy-save`` prints after ``-A <chain> ``, e.g.
     ``-i istioin -j MARK --set-xmark 0x200/0x200``. ``ref`` says where it comes from in the
-    reference (``§1.5 mangle ztunnel-PREROUTING #15``) so a reader can grep either way.
+    reference (``§1.5 mangle ztunnel-PREROUTING #<n>``) so a reader can grep either way.
     """
 
     netns: str

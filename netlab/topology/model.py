@@ -137,13 +137,35 @@ class Waypoint(_Model):
 
 
 class Hop(_Model):
-    """One expected hop of a request path, numbered as in the seed article."""
+    """One expected hop of a request path, numbered as in the seed article (checked by `netlab trace`).
 
-    n: str = Field(description="the seed's hop number(s), e.g. '1' or '1-3'")
-    at: str = Field(description="where: node:<node>, pod:<ns>/<pod>, ztunnel:<node>, waypoint:<ns>")
-    iface: str | None = Field(default=None, description="interface, or a symbolic one: veth(<ns>/<pod>), istioout, ...")
-    port: int | None = None
+    A hop is either a packet sighting (``iface`` + ``dir``: the TCP SYN of the leg was seen leaving
+    or entering that interface of the ``at`` namespace) or a proxy accepting the leg (``listener``).
+    Every field left out matches anything, so a contract says only what the seed asserts.
+    """
+
+    n: str = Field(description="the seed's hop number, e.g. '1', '6', 'w2'; several hops may share one")
+    at: str = Field(description="where: node:<node>, pod:<ns>/<pod>, ztunnel:<node>, waypoint:<ns>[/<name>]")
+    iface: str | None = Field(default=None, description="interface, or a symbolic one: veth(<ns>/<pod>), veth(ztunnel), "
+                                                         "veth(waypoint:<ns>), eth0, lo, istioin, istioout, pistioin, pistioout")
+    dir: Literal["in", "out"] | None = Field(default=None, description="in: received on iface; out: sent on it")
+    port: int | None = Field(default=None, description="destination port of the SYN at this hop")
+    listener: str | None = Field(default=None, description="proxy listener that accepted the leg: ztunnel:15001, sidecar:15006, waypoint:15008")
+    rules: list[str] = Field(default_factory=list, description="iptables rule refs that must have matched here, e.g. '§1.5 mangle ztunnel-PREROUTING #15'")
+    table: int | None = Field(default=None, description="route table the kernel picked here (254 = main)")
     what: str = ""
+
+    @model_validator(mode="after")
+    def _kind(self) -> "Hop":
+        if self.listener is None and self.iface is None:
+            raise ValueError(f"hop ({self.n}) at {self.at}: give an iface (packet hop) or a listener (proxy hop)")
+        if self.listener is not None and self.iface is not None:
+            raise ValueError(f"hop ({self.n}) at {self.at}: a hop is either a packet (iface) or a proxy (listener), not both")
+        if not re.match(r"^(node|pod|ztunnel|waypoint):\S+$", self.at):
+            raise ValueError(f"hop ({self.n}): at {self.at!r} must be node:<node>, pod:<ns>/<pod>, ztunnel:<node> or waypoint:<ns>[/<name>]")
+        if self.listener is not None and not re.match(r"^(ztunnel|sidecar|waypoint):\d+$", self.listener):
+            raise ValueError(f"hop ({self.n}): listener {self.listener!r} must be ztunnel|sidecar|waypoint:<port>")
+        return self
 
 
 class RequestPath(_Model):
