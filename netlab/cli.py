@@ -217,7 +217,19 @@ def cmd_diagram(a: argparse.Namespace) -> int:
 def cmd_logs(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
-    Lab.attach(a.lab).logs(a.component, lines=a.lines, follow=a.follow)
+    lab = Lab.attach(a.lab)
+    if a.conn:
+        legs = lab.connection_legs(a.component)[-a.lines:]
+        if a.json:
+            print(json.dumps(legs, indent=2))
+            return 0
+        for g in legs:
+            ids = f" {g.get('src_id', '')} -> {g.get('dst_id', '')}" if g.get("src_id") or g.get("dst_id") else ""
+            print(f"{g.get('time', '')} {g['component']:<24} {g['listener']:<24} {g['src']:>21} -> {g['orig_dst']:<21} "
+                  f"| {g['proto']:<5} {g.get('up_src', ''):>21} -> {g.get('up_dst', ''):<21} "
+                  f"{g['outcome']:<6} up {g.get('bytes_up', 0)}B down {g.get('bytes_down', 0)}B{ids}")
+        return 0
+    lab.logs(a.component, lines=a.lines, follow=a.follow)
     return 0
 
 
@@ -335,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("component", nargs="?", help="leave out to list components")
     s.add_argument("-n", "--lines", type=int, default=50)
     s.add_argument("-f", "--follow", action="store_true")
+    s.add_argument("--conn", action="store_true",
+                   help="connection legs instead of process output: per proxied connection, the downstream "
+                        "4-tuple, the original destination, the upstream 4-tuple (tcp or hbone), identities, bytes, outcome")
+    s.add_argument("--json", action="store_true", help="with --conn: the legs as JSON")
     s.set_defaults(func=cmd_logs)
     return p
 

@@ -253,6 +253,15 @@ class Lab:
                 n["established"] += s.established
         return {"lab": self.name, "processes": stats.as_dicts(procs), "nodes": per_node}
 
+    def connection_legs(self, component: str | None = None) -> list[dict[str, Any]]:
+        """The proxies' connection legs (one per proxied connection), oldest first."""
+        from netlab.mesh.connlog import read_legs
+
+        d = self.state_dir / "conn"
+        files = sorted(d.glob("*.jsonl")) if d.is_dir() else []
+        legs = [leg for f in files if component in (None, f.stem) for leg in read_legs(f)]
+        return sorted(legs, key=lambda leg: leg.get("start", 0))
+
     def logs(self, component: str | None, lines: int = 50, follow: bool = False) -> None:
         from netlab.runtime import logs
 
