@@ -107,8 +107,16 @@ H2_DEFAULT_WINDOW = 65535
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 TLS_WRITE_HIGH = 2 * 1024 * 1024
 TLS_WRITE_LOW = 512 * 1024
-# The zero-copy receive path calls H2Connection._receive_frame (private, stable across h2 4.x).
+# The zero-copy receive path calls H2Connection._receive_frame and the send path drives h2's
+# state machines directly (private, stable across h2 4.x); anything else uses the public API.
 _FAST_RX = h2.__version__.startswith("4.") and hasattr(h2.connection.H2Connection, "_receive_frame")
+try:
+    from h2.connection import ConnectionInputs as _ConnectionInputs
+    from h2.stream import StreamInputs as _StreamInputs
+
+    _FAST_TX = _FAST_RX
+except ImportError:  # pragma: no cover - other h2 versions
+    _FAST_TX = False
 
 PathLike = Union[str, "os.PathLike[str]"]
 CertPair = tuple[PathLike, PathLike]
@@ -311,7 +319,9 @@ class HboneStream(Endpoint):
 
     # ---- Endpoint hooks -----------------------------------------------------------------------
     def _t_write(self, data: bytes | memoryview) -> None:
-        mv = data if isinstance(data, memoryview) else memoryview(data)
+        mv = memoryview(data)
+        if not mv.readonly:  # the caller may reuse a bytearray; we keep a view until it is sent
+            mv = memoryview(bytes(mv))
         self._out.append(mv)
         self._out_bytes += len(mv)
         self._conn._flush_stream(self)
@@ -587,10 +597,13 @@ class _H2Conn(asyncio.Protocol):
                 else:
                     chunk = head[:n]
                     out[0] = head[n:]
-                h.send_data(sid, chunk)
+                if _FAST_TX:
+                    self._send_data_fast(sid, chunk)
+                else:
+                    h.send_data(sid, chunk)
+                    if send:
+                        self._send()
                 s._out_bytes -= len(chunk)
-                if send:
-                    self._send()
             if not out and s._end_pending:
                 s._end_pending = False
                 h.end_stream(sid)
@@ -601,6 +614,30 @@ class _H2Conn(asyncio.Protocol):
             self._send()
         if s._write_blocked and s._out_bytes < WRITE_LOW:
             s._on_writable()
+
+    def _send_data_fast(self, sid: int, chunk: memoryview) -> None:
+        """h2's ``send_data`` bookkeeping without its serialization copies.
+
+        h2 copies each payload four times on the way out (``tobytes``, body join, header
+        concat, ``data_to_send``). We run the same state-machine inputs and window
+        decrements, flush whatever control frames h2 queued first (ordering: HEADERS and
+        WINDOW_UPDATEs precede this DATA), and hand header + payload view to the transport.
+        The caller has checked the windows and the max frame size.
+        """
+        h = self.h2
+        n = len(chunk)
+        h.state_machine.process_input(_ConnectionInputs.SEND_DATA)
+        st = h.streams[sid]
+        st.state_machine.process_input(_StreamInputs.SEND_DATA)
+        st.outbound_flow_control_window -= n
+        h.outbound_flow_control_window -= n
+        pending = h.data_to_send()
+        hdr = n.to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big")  # DATA, no flags
+        assert self.transport is not None
+        if pending:
+            self.transport.write(pending)
+        self.transport.write(hdr)
+        self.transport.write(chunk)
 
     def _ack(self, s: HboneStream, n: int) -> None:
         if self._lost or n <= 0:
