@@ -42,7 +42,6 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import h2
@@ -762,6 +761,21 @@ async def hbone_connect(
         raise
     if conn.failed:
         raise HboneTlsError(conn.failed)
+    try:
+        return await _open_stream(conn, authority, headers, timeout, method, f"{addr[0]}:{addr[1]}")
+    except HboneError:
+        conn.close()
+        raise
+
+
+async def _open_stream(
+    conn: _H2Conn, authority: str, headers: HeadersArg, timeout: float, method: str = "CONNECT", peer: str = ""
+) -> HboneStream:
+    """Send one request on an established connection and wait for its response.
+
+    ztunnel 1.18 sends exactly one CONNECT per connection (what :func:`hbone_connect` does);
+    this is separate so tests can open more streams on one connection (the server supports it).
+    """
     hdrs = [(":method", method), (":authority", authority)]
     if method != "CONNECT":
         hdrs += [(":scheme", "https"), (":path", "/")]
@@ -775,9 +789,11 @@ async def hbone_connect(
         try:
             resp = await asyncio.wait_for(asyncio.shield(stream._response), timeout)
         except (StreamReset, ConnectionError) as e:
-            raise HboneTlsError(f"connection to {addr[0]}:{addr[1]} closed before a response: {e}") from e
+            raise HboneTlsError(f"connection to {peer} closed before a response: {e}") from e
         except asyncio.TimeoutError:
             raise HboneError(None, "timed out waiting for the CONNECT response") from None
+    except HboneError:
+        raise
     except BaseException:
         conn.close()
         raise
@@ -785,8 +801,8 @@ async def hbone_connect(
     status_s = dict(resp).get(":status", "0")
     stream.status = int(status_s) if status_s.isdigit() else 0
     if stream.status != 200:
-        conn.close()
-        raise HboneError(stream.status, f"from {addr[0]}:{addr[1]} for {authority}")
+        stream._finish()
+        raise HboneError(stream.status, f"from {peer} for {authority}")
     return stream
 
 

@@ -408,9 +408,6 @@ def test_relay_tcp_to_hbone_counts_and_half_close(pki):
         srv = await start_server(pki, upstream_addr=up.addr)
         legs = []
 
-        async def on_client(r, w):
-            pass
-
         lsock = socket.socket()
         lsock.bind(("127.0.0.1", 0))
         lsock.listen()
@@ -459,3 +456,25 @@ def test_header_helpers():
     assert parse_authority("10.0.0.1:80") == ("10.0.0.1", 80)
     assert parse_authority("[fd00::1]:80") == ("fd00::1", 80)
     assert parse_authority("example.com:80") is None and parse_authority("10.0.0.1:99999") is None
+
+
+def test_server_handles_several_streams_on_one_connection(pki):
+    """ztunnel 1.18 clients send one CONNECT per connection, but the server must not care."""
+    from netlab.mesh.hbone import _open_stream
+
+    async def main():
+        up = await Upstream(b"!").start()
+        srv = await start_server(pki, upstream_addr=up.addr)
+        s1 = await connect(pki, srv)
+        s2 = await _open_stream(s1._conn, f"{SERVER_IP}:8080", None, 5)
+        assert s2.stream_id != s1.stream_id
+        for s, msg in ((s2, b"two"), (s1, b"one")):
+            s.write(msg)
+            s.write_eof()
+        assert await s1.read_all() == hashlib.sha256(b"one").digest() + b"!"
+        assert await s2.read_all() == hashlib.sha256(b"two").digest() + b"!"
+        assert srv.stats["connections"] == 1 and srv.stats["200"] == 2
+        await srv.close()
+        await up.close()
+
+    run(main())
