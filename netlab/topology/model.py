@@ -194,6 +194,54 @@ class Network(_Model):
             raise ValueError(f"{v!r} is not an IPv4 network in CIDR form ({e})") from None
 
 
+class AuthorizationPolicy(_Model):
+    """An L4 AuthorizationPolicy (Istio ``security.istio.io/v1beta1``), enforced by the
+    destination's ztunnel on inbound connections (docs/policies.md).
+
+    Applies to every workload of ``namespace``. ``from`` lists sources: SPIFFE principals
+    (``spiffe://cluster.local/ns/foo/sa/sleep``, or Istio's ``cluster.local/ns/foo/sa/sleep``),
+    ``ns/<namespace>`` for any identity of that namespace, or ``*`` for any authenticated identity;
+    empty means every source (also plaintext). ``to_ports`` (destination target ports) empty
+    means every port. DENY wins over ALLOW; once one ALLOW exists for a namespace, only sources
+    matching some ALLOW get in.
+    """
+
+    name: str
+    namespace: str
+    action: Literal["ALLOW", "DENY"] = "ALLOW"
+    from_: list[str] = Field(default_factory=list, alias="from")
+    to_ports: list[int] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_label(v, "policy name")
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if s == "*":
+                continue
+            if s.startswith("ns/"):
+                _check_label(s[3:], "namespace in 'from'")
+                continue
+            body = s.removeprefix("spiffe://")
+            m = re.fullmatch(r"([a-z0-9.-]+)/ns/([^/]+)/sa/([^/]+)", body)
+            if not m:
+                raise ValueError(f"source {s!r} must be a SPIFFE principal (spiffe://<td>/ns/<ns>/sa/<sa>), "
+                                 "'ns/<namespace>' or '*'")
+        return v
+
+    @field_validator("to_ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        for p in v:
+            if not 1 <= p <= 65535:
+                raise ValueError(f"port {p} is outside 1..65535")
+        return v
+
+
 class Topology(_Model):
     name: str
     description: str = ""
@@ -204,6 +252,7 @@ class Topology(_Model):
     services: list[Service] = Field(default_factory=list)
     waypoints: list[Waypoint] = Field(default_factory=list)
     paths: list[RequestPath] = Field(default_factory=list)
+    policies: list[AuthorizationPolicy] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -250,6 +299,14 @@ class Topology(_Model):
         for i, rp in enumerate(self.paths):
             if rp.from_ not in pods:
                 raise ValueError(f"paths[{i}] ({rp.name}): client pod {rp.from_!r} is not defined in pods (use <namespace>/<pod>)")
+        return self
+
+    @model_validator(mode="after")
+    def _policies(self) -> "Topology":
+        _unique([f"{p.namespace}/{p.name}" for p in self.policies], "policy")
+        for i, p in enumerate(self.policies):
+            if p.namespace not in self.namespaces:
+                raise ValueError(f"policies[{i}] ({p.name}): namespace {p.namespace!r} is not defined in namespaces")
         return self
 
     def mode_of_namespace(self, ns: str) -> Literal["ambient", "sidecar", "plain"]:
