@@ -14,7 +14,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from netlab import istio
 from netlab.plan.types import Plan, PodInfo
@@ -51,12 +51,26 @@ class ServiceEntry:
     endpoints: tuple[str, ...]  # endpoint pod IPs
 
 
+@dataclass(frozen=True)
+class Policy:
+    """An L4 AuthorizationPolicy for every workload of ``namespace`` (topology ``policies:``).
+    ``sources``: SPIFFE IDs (``spiffe://`` form), ``ns/<namespace>`` or ``*``; empty = any source.
+    ``ports``: destination target ports; empty = any port."""
+
+    name: str
+    namespace: str
+    action: Literal["ALLOW", "DENY"]
+    sources: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+
+
 @dataclass
 class Registry:
     trust_domain: str
     workloads: dict[str, Workload] = field(default_factory=dict)  # by IP
     services: dict[str, ServiceEntry] = field(default_factory=dict)  # by "vip:port"
     ztunnels: dict[str, str] = field(default_factory=dict)  # node -> ztunnel pod IP
+    policies: list[Policy] = field(default_factory=list)  # in topology order
 
     # ---- lookups the proxies make ----
     def workload(self, ip: str) -> Workload | None:
@@ -97,6 +111,7 @@ class Registry:
             "workloads": [asdict(w) for w in self.workloads.values()],
             "services": [asdict(s) for s in self.services.values()],
             "ztunnels": self.ztunnels,
+            "policies": [asdict(p) for p in self.policies],
         }, indent=2)
 
     @classmethod
@@ -109,6 +124,9 @@ class Registry:
         for s in d["services"]:
             s["endpoints"] = tuple(s["endpoints"])
             r.services[f"{s['vip']}:{s['port']}"] = ServiceEntry(**s)
+        for p in d.get("policies", ()):
+            r.policies.append(Policy(name=p["name"], namespace=p["namespace"], action=p["action"],
+                                     sources=tuple(p.get("sources", ())), ports=tuple(p.get("ports", ()))))
         return r
 
     @classmethod
@@ -124,8 +142,35 @@ def _protocol(p: PodInfo) -> tuple[Protocol, bool]:
     return "TCP", False
 
 
+def _normalise_source(s: str) -> str:
+    """Istio writes principals without the scheme (``cluster.local/ns/foo/sa/sleep``)."""
+    if s == "*" or s.startswith("ns/") or s.startswith("spiffe://"):
+        return s
+    return "spiffe://" + s
+
+
+def policies_of(topo_policies: Any) -> list[Policy]:
+    """Registry policies from the topology's ``policies:`` (model.AuthorizationPolicy list)."""
+    return [Policy(name=p.name, namespace=p.namespace, action=p.action,
+                   sources=tuple(_normalise_source(s) for s in p.from_), ports=tuple(p.to_ports))
+            for p in topo_policies]
+
+
+def _plan_policies(plan: Plan) -> list[Policy]:
+    """The plan's policies. Until the plan carries them itself (``Plan.policies``), they are read
+    back from the topology file the plan was built from (``plan.source``)."""
+    carried = getattr(plan, "policies", None)
+    if carried is not None:
+        return policies_of(carried) if carried and not isinstance(carried[0], Policy) else list(carried)
+    if not plan.source or not Path(plan.source).is_file():
+        return []
+    from netlab.topology.load import load_topology
+
+    return policies_of(load_topology(plan.source).policies)
+
+
 def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Registry:
-    reg = Registry(trust_domain=trust_domain)
+    reg = Registry(trust_domain=trust_domain, policies=_plan_policies(plan))
     waypoints = [p for p in plan.pods if p.mode == "waypoint"]
     for p in plan.pods:
         if p.mode == "ztunnel":

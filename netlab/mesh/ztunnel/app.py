@@ -15,7 +15,7 @@ from netlab.mesh import sockets
 from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.connlog import ConnLog
 from netlab.mesh.ztunnel import inbound_passthrough, outbound, readiness
-from netlab.mesh.ztunnel.authz import AllowAll, Authorizer
+from netlab.mesh.ztunnel.authz import Authorizer, PolicyAuthorizer, for_registry
 from netlab.mesh.ztunnel.config import ZtunnelConfig
 from netlab.mesh.ztunnel.inbound import Inbound
 from netlab.mesh.ztunnel.proxy import ProxyInputs, accept_factory
@@ -49,12 +49,37 @@ class Ztunnel:
         self.pi.connlog.close()
 
 
+class _PolicyConnLog:
+    """Connection log that names the deciding policy on denied legs (``extra.policy``).
+
+    The route functions call the authorizer and the listener writes the refused leg in the same
+    event-loop step (no await between), so the authorizer's last verdict is this leg's."""
+
+    def __init__(self, inner: ConnLog, authz: PolicyAuthorizer) -> None:
+        self.inner, self.authz = inner, authz
+
+    def write(self, leg: Any) -> None:
+        v = self.authz.last
+        if v is not None and not v.allowed and leg.extra.get("reason") == "Denied":
+            leg.extra["policy"] = v.policy
+            leg.extra["rbac"] = v.reason
+        self.inner.write(leg)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 async def start(cfg: ZtunnelConfig, ctx: MeshContext, *, authz: Authorizer | None = None,
                 connlog: ConnLog | None = None) -> Ztunnel:
-    """Bind 15001/15006/15008 (IP_TRANSPARENT, TPROXY targets) and 15021; returns once all listen."""
+    """Bind 15001/15006/15008 (IP_TRANSPARENT, TPROXY targets) and 15021; returns once all listen.
+
+    ``authz`` defaults to the registry's policies (AllowAll when the topology has none)."""
     loop = asyncio.get_running_loop()
-    pi = ProxyInputs(cfg=cfg, ctx=ctx, connlog=connlog or ConnLog(ctx.conn_log_path(cfg.component)),
-                     authz=authz or AllowAll())
+    authz = authz or for_registry(ctx.registry)
+    log_ = connlog or ConnLog(ctx.conn_log_path(cfg.component))
+    if isinstance(authz, PolicyAuthorizer):
+        log_ = _PolicyConnLog(log_, authz)  # type: ignore[assignment]
+    pi = ProxyInputs(cfg=cfg, ctx=ctx, connlog=log_, authz=authz)
     zt = Ztunnel(pi)
     try:
         for port, handler in ((cfg.outbound_port, outbound.handle),
