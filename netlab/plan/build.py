@@ -143,6 +143,9 @@ class _Builder:
                     raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps node {other}'s {oc}")
             if cidr.overlaps(fabric):
                 raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps network.fabric {fabric}")
+            svc_cidr = ipaddress.IPv4Network(self.t.network.serviceCidr)
+            if cidr.overlaps(svc_cidr):
+                raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps network.serviceCidr {svc_cidr}")
             cidrs[n.name] = cidr
             hosts = cidr.hosts()
             host_ip = next(hosts)
@@ -207,15 +210,26 @@ class _Builder:
                       sa=p.sa, ports=ports, labels=labels)
 
     def _services(self) -> None:
-        vips = ipaddress.IPv4Network(self.t.network.serviceCidr).hosts()
-        for _ in range(9):
-            next(vips)
+        svc_cidr = ipaddress.IPv4Network(self.t.network.serviceCidr)
+        vips = iter(list(svc_cidr.hosts())[9:])  # automatic VIPs start at .10, like the lab's docs say
         taken = {s.clusterIP for s in self.t.services if s.clusterIP}
+        seen: dict[tuple[str, int], str] = {}
         for i, s in enumerate(self.t.services):
             vip = s.clusterIP
+            if vip is not None:
+                a = ipaddress.IPv4Address(vip)
+                if a not in svc_cidr or a in (svc_cidr.network_address, svc_cidr.broadcast_address):
+                    raise TopologyError(f"services[{i}].clusterIP: {vip} is not a usable address of network.serviceCidr {svc_cidr}")
             while vip is None:
-                cand = str(next(vips))
+                try:
+                    cand = str(next(vips))
+                except StopIteration:
+                    raise TopologyError(f"services[{i}] ({s.namespace}/{s.name}): network.serviceCidr {svc_cidr} "
+                                        "has no address left for a VIP") from None
                 vip = cand if cand not in taken else None
+            if (vip, s.port) in seen:
+                raise TopologyError(f"services[{i}] ({s.namespace}/{s.name}): {vip}:{s.port} is already used by {seen[vip, s.port]}")
+            seen[vip, s.port] = f"{s.namespace}/{s.name}"
             eps = tuple(p.ref for p in self.pods
                         if p.namespace == s.namespace and s.selector and all(dict(p.labels).get(k) == v for k, v in s.selector.items()))
             self.services.append(ServiceInfo(name=s.name, namespace=s.namespace, vip=vip, port=s.port,

@@ -58,14 +58,22 @@ def _loc(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            out += ("." if out else "") + _printable(str(part))
     return out or "(top level)"
+
+
+def _printable(text: str, limit: int = 60) -> str:
+    """Keys come from the user's file: keep the error on one line whatever they contain."""
+    r = text if text.isprintable() else repr(text)
+    return r if len(r) <= limit else r[:limit] + ".."
 
 
 def load_topology(ref: str | os.PathLike[str]) -> Topology:
     path = resolve(ref)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise TopologyError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -83,6 +91,6 @@ def load_topology(ref: str | os.PathLike[str]) -> Topology:
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         elif err["type"] not in _FRIENDLY and "input" in err and not isinstance(err["input"], (dict, list)):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {_printable(repr(err['input']))})"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise TopologyError(f"{path}: {_loc(err['loc'])}: {msg}{more}") from None
+        raise TopologyError(f"{path}: {_loc(err['loc'])}: {_printable(msg, 200)}{more}") from None

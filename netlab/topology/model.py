@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from netlab import istio
 
@@ -67,7 +67,7 @@ class Pod(_Model):
     node: str
     app: str | None = Field(default=None, description="app label; also picks the program: httpbin, helloworld, sleep, sink, echo")
     serviceAccount: str | None = None
-    ports: list[int] = Field(default_factory=list, description="container ports")
+    ports: list[StrictInt] = Field(default_factory=list, description="container ports")
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     version: str = "v1"
@@ -101,8 +101,8 @@ class Pod(_Model):
 class Service(_Model):
     name: str
     namespace: str
-    port: int
-    targetPort: int | None = None
+    port: StrictInt
+    targetPort: StrictInt | None = None
     selector: dict[str, str] = Field(default_factory=dict)
     clusterIP: str | None = None
 

@@ -40,6 +40,16 @@ BAD = {
     "wrong type": (GOOD.replace("- name: node-a", "- name: [1, 2]"), "nodes[0].name"),
     "yaml syntax": ("name: t\nnodes: [\n", "YAML syntax error"),
     "not a mapping": ("- a\n- b\n", "expected a mapping"),
+    "boolean port": (GOOD.replace("node: node-a}", "node: node-a, ports: [true]}"), "pods[0].ports[0]"),
+    "key with a newline": (GOOD + '"a\\nb": 1\n', "unknown key"),
+    "service cidr too small": (GOOD + "network: {serviceCidr: 10.96.0.0/32}\n"
+                               "services: [{name: s, namespace: foo, port: 80}]\n", "no address left"),
+    "clusterIP outside serviceCidr": (GOOD + "services: [{name: s, namespace: foo, port: 80, clusterIP: 10.0.0.5}]\n",
+                                      "not a usable address"),
+    "duplicate vip and port": (GOOD + "services: [{name: s, namespace: foo, port: 80, clusterIP: 10.96.0.50},"
+                               " {name: t, namespace: foo, port: 80, clusterIP: 10.96.0.50}]\n", "already used"),
+    "pod cidr inside service cidr": (GOOD.replace("- name: node-b", "- {name: node-b, podCidr: 10.96.1.0/24}"),
+                                     "overlaps network.serviceCidr"),
     "overlapping cidrs": (GOOD.replace("- name: node-a", "- {name: node-a, podCidr: 10.0.0.0/16}")
                           .replace("- name: node-b", "- {name: node-b, podCidr: 10.0.1.0/24}"), "overlaps"),
 }
@@ -58,6 +68,14 @@ def test_malformed_topology_is_one_line_exit_2(case: str, tmp_path: Path, capsys
     assert str(f) in lines[0]
     assert expect in lines[0], lines[0]
     assert "Traceback" not in err
+
+
+def test_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "bin.yaml"
+    f.write_bytes(b"name: t\nnodes: [{name: \x80}]\n")
+    assert main(["plan", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not UTF-8" in err
 
 
 def test_good_topology_loads(tmp_path: Path) -> None:
