@@ -119,7 +119,7 @@ class Child:
 class Supervisor:
     def __init__(self, lab: str, specs: list[ProcSpec], state_dir: Path) -> None:
         self.lab, self.dir = lab, state_dir
-        (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (state_dir / "logs").mkdir(exist_ok=True)  # no parents: a vanished state dir must stay gone
         (state_dir / "requests").mkdir(exist_ok=True)
         self.children: dict[str, Child] = {}
         for s in specs:
@@ -435,7 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"netlab supervisor: bad spec: {e}", file=sys.stderr)
         return 2
-    state_dir.mkdir(parents=True, exist_ok=True)
+    if not state_dir.is_dir():
+        # `netlab down` removed the lab while this daemon was starting: never resurrect its state dir
+        print(f"netlab supervisor: state dir {state_dir} is gone; not starting", file=sys.stderr)
+        return 1
     if a.foreground:
         try:
             _take_lock(state_dir)
