@@ -162,7 +162,7 @@ def write_frames(path: str, frames: Iterable[_Frame], interfaces: Sequence[tuple
             declare(key)
         for c in ordered:
             key = (c.netns, c.iface)
-            w.write_packet(declare(key), seconds_to_ns(c.timestamp), c.raw, direction=c.direction)
+            w.write_packet(declare(key), getattr(c, "timestamp_ns", None) or seconds_to_ns(c.timestamp), c.raw, direction=c.direction)
             counts[key] += 1
     return counts
 

@@ -69,10 +69,10 @@ from netlab.topology.model import RequestPath
 from netlab.verify import iptsim
 from netlab.verify.contract import Divergence, describe, find_contract, match
 from netlab.verify.hops import Geography, ObservedHop, Seg, parse_frame
-from netlab.verify.syncap import SynCapture
+from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture
 
-# Captured: the SYN of every TCP leg, and Geneve frames (the SYN inside is picked out in Python);
-# see netlab.verify.syncap for why not netlab.verify.sniff.
+# Captured: the SYN of every TCP leg, and Geneve frames (the SYN inside is picked out in Python),
+# with a fixed BPF program and frames parsed by netlab.verify.hops: no scapy, no libpcap.
 PROXY_KINDS = ("ztunnel", "sidecar", "waypoint")
 LEG_WAIT = 1.5  # s to wait for the next leg of the request after the response
 APP_UID = 0  # the trace client runs as root inside the pod netns, like `netlab exec`
@@ -259,16 +259,17 @@ class _Sightings:
         self.seen = 0
 
     def feed(self, frames: list[Any]) -> None:
-        for c in frames[self.seen:]:
+        """Take frames not fed before (``Capture.since(self.seen)``, or all of them once)."""
+        for c in frames:
             seg = parse_frame(c.raw)
             if seg is not None and seg.is_syn:
                 self.by_src.setdefault(_ep(seg.src, seg.sport), []).append((c, seg))
-        self.seen = len(frames)
+        self.seen += len(frames)
 
     def of(self, src: str) -> list[tuple[Any, Seg]]:
         """First sighting per (netns, iface, direction): SYN retransmissions add nothing."""
         out, keys = [], set()
-        for c, seg in sorted(self.by_src.get(src, []), key=lambda x: x[0].timestamp):
+        for c, seg in sorted(self.by_src.get(src, []), key=lambda x: x[0].timestamp_ns):
             k = (c.netns, c.iface, c.direction, seg.encap is not None)
             if k not in keys:
                 keys.add(k)
@@ -312,7 +313,7 @@ def trace(lab: Any, src_pod: str, dst: str, url: str | None = None, *, contract:
     try:
         before, saves = _snapshot(plan, ipt_ns, pool)
         legs = LegLog(plan, lab.state_dir)
-        cap = SynCapture(geo.targets()).start()
+        cap = Capture(geo.targets(), bpf=BPF_SYN_OR_GENEVE, skip_missing=True).start()
         try:
             sock, sport = open_client(pod)
             status, body, err = http_get(sock, ip, port, host, url, trace_id, timeout)
@@ -360,7 +361,7 @@ def _contract_for(plan: Plan, contract: str | RequestPath | None, src: str, dst:
         raise UsageError(f"--contract: {e.args[0]}") from None
 
 
-def _follow(geo: Geography, cap: Any, legs: LegLog, first: str, deadline: float) -> tuple[list[tuple[str, dict | None]], list[str]]:
+def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str, deadline: float) -> tuple[list[tuple[str, dict | None]], list[str]]:
     """Walk leg by leg: SYN sightings of ``src``, then the proxy line whose downstream source is
     ``src``, then that proxy's upstream source, ... until a leg ends at an application."""
     chain: list[tuple[str, dict | None]] = []
@@ -375,7 +376,7 @@ def _follow(geo: Geography, cap: Any, legs: LegLog, first: str, deadline: float)
             leg = legs.by_src(src)
             if leg is not None:
                 break
-            sights.feed(cap.packets)
+            sights.feed(cap.since(sights.seen))
             if _reached_app(geo, sights.of(src)):
                 break
             if time.monotonic() > deadline:

@@ -30,7 +30,7 @@ from netlab.istio import GENEVE_DST_PORT, INBOUND_TUN, INBOUND_TUN_POD, INBOUND_
 from netlab.kernel.ns import in_netns
 from netlab.lab import Lab
 from netlab.plan.types import NodeInfo, PodInfo
-from netlab.verify.sniff import Capture, Captured
+from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture, Captured
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
 
@@ -412,3 +412,34 @@ def test_capture_reports_missing_interface(amb: Lab) -> None:
     node = amb.plan.node("node-a")
     with pytest.raises(CaptureError, match="no-such-if"):
         Capture([(node.netns, "eth0"), (node.netns, "no-such-if")]).start()
+
+
+def test_syn_or_geneve_filter_as_netlab_trace_uses_it(amb: Lab) -> None:
+    """The capture as ``netlab trace`` runs it: the fixed SYN/Geneve program (no libpcap) keeps
+    the flow's SYN and drops its other segments; an interface the plan names but the kernel lacks
+    is listed in ``missing``, not fatal; stamps are integer ns, ordered along the walk."""
+    sleep, hb = amb.plan.pod("foo/sleep"), amb.plan.pod("bar/httpbin")
+    node = amb.plan.node("node-a")
+    zt = ztunnel_of(amb, "node-a")
+    lis = tcp_listener(zt.netns, ZT_OUTBOUND_PORT)
+    client = tcp_socket(sleep.netns)
+    targets = [(node.netns, sleep.host_veth), (node.netns, zt.host_veth), (node.netns, "no-such-if")]
+    try:
+        with Capture(targets, bpf=BPF_SYN_OR_GENEVE, skip_missing=True) as cap:
+            cport = connect(client, (hb.ip, 80), cap)
+            conn = accept(lis, cap, "stand-in ztunnel :15001")
+            client.sendall(b"hd-probe")
+            assert conn.recv(16) == b"hd-probe"
+            conn.close()
+            f = flow(sleep.ip, hb.ip, 80, cport)
+            syn = lambda p: f(p) and is_syn(p)  # noqa: E731
+            on_veth = one(cap, node.netns, sleep.host_veth, "in", plain(syn))
+            enc = one(cap, node.netns, zt.host_veth, "out", geneve(syn))
+    finally:
+        lis.close()
+        client.close()
+    assert cap.missing == [(node.netns, "no-such-if")]
+    assert isinstance(on_veth.timestamp_ns, int) and on_veth.timestamp_ns <= enc.timestamp_ns
+    assert abs(on_veth.timestamp - on_veth.timestamp_ns / 1e9) < 1e-6  # the same stamp in float seconds
+    seen = cap.select(netns=node.netns, iface=sleep.host_veth, where=plain(f))
+    assert seen and all(is_syn(c.pkt) for c in seen), [str(c) for c in seen]  # data and ACKs filtered out

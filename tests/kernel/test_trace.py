@@ -99,3 +99,10 @@ def test_trace_s2_and_s3_print_the_seed_hops_and_exit_0() -> None:
         # S2's contract checked against S3's request: the HBONE goes to node C, not node B
         r = run_trace(lab.name, "foo/sleep", "helloworld.bar-2:5000", "--contract", "S2")
         assert r.returncode == 1 and "hop (5) diverged" in r.stdout, r.stdout
+
+        # the 1 s budget: a trace never imports scapy (0.5-1 s by itself)
+        probe = ("import sys; from netlab.lab import Lab; from netlab.verify.trace import trace; "
+                 f"r = trace(Lab.attach({lab.name!r}), 'foo/sleep', 'httpbin.bar-1:8000'); "
+                 "print(r.matched, sorted(m for m in sys.modules if m.split('.')[0] == 'scapy'))")
+        p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        assert p.stdout.split() == ["True", "[]"], p.stdout + p.stderr
