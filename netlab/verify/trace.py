@@ -122,6 +122,9 @@ class TraceResult:
                              f"{p['up_src']} -> {p['up_dst']} {p['proto']}"
                              + (f" :authority {p['authority']}" if p.get("authority") and p["proto"] == "hbone" else "")
                              + (f"  [{p['outcome']}]" if p.get("outcome") not in (None, "ok") else ""))
+                denial = _denial(p)
+                if denial:
+                    lines.append(f"{'':>6}{denial}")
                 continue
             line = f"{label:>5} {h.at:<26} {h.iface_sym or '':<18} {h.dir or '':<4} {h.src} -> {h.dst}"
             if h.encap:
@@ -326,6 +329,10 @@ def trace(lab: Any, src_pod: str, dst: str, url: str | None = None, *, contract:
         hops = _build_hops(plan, geo, sights, chain, ip, port, before, after, saves, pool)
     finally:
         pool.shutdown(wait=True)
+    for h in hops:
+        denial = _denial(h.proxy) if h.kind == "proxy" and h.proxy else None
+        if denial:
+            notes.append(denial)
     res = TraceResult(lab.name, trace_id, pod.ref, dst, url, status, body, (time.monotonic() - t0) * 1000, hops,
                       contract=path, error=err, notes=notes)
     _judge(res)
@@ -433,8 +440,11 @@ def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tupl
             ph = ObservedHop("proxy", float(leg.get("start", 0.0)), place.at, _netns_of_component(plan, leg["component"]),
                              place.node, leg.get("src", ""), leg.get("orig_dst", ""), proto=leg.get("proto", "tcp"), leg=i,
                              proxy={k: leg.get(k) for k in ("component", "listener", "local", "up_src", "up_dst", "proto",
-                                                           "authority", "src_id", "dst_id", "outcome")})
+                                                           "authority", "src_id", "dst_id", "outcome", "extra")})
             ph.what = f"{leg.get('component')} {leg.get('listener')}"
+            denial = _denial(leg)
+            if denial:
+                ph.what += f": {denial}"
             hops.append(ph)
         prev_leg = leg
     # the 5-ish `ip route get` calls run in parallel; then confirm simulated rules by counters
@@ -451,6 +461,15 @@ def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tupl
     for n, h in enumerate(hops, 1):
         h.n = n
     return hops
+
+
+def _denial(leg: dict[str, Any]) -> str | None:
+    """"denied by policy X" for a leg ztunnel refused on authorization grounds (docs/policies.md)."""
+    extra = leg.get("extra") or {}
+    if extra.get("reason") != "Denied":
+        return None
+    why = f"policy {extra['policy']}" if extra.get("policy") else "authorization"
+    return f"DENIED by {why} ({extra.get('rbac', 'rbac')}) at {leg.get('component')} {leg.get('listener')}: {leg.get('outcome')}"
 
 
 def _netns_of_component(plan: Plan, component: str) -> str:

@@ -163,6 +163,7 @@ async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide
         up = await open_upstream(pi, d, peer[0])
     except Exception as e:  # noqa: BLE001 - every failure is a reset plus a log line
         down.abort()
+        leg.up_src = addr(getattr(e, "local_addr", None))
         pi.write_leg(leg, upstream_failure(e))
         return
     leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
