@@ -106,15 +106,16 @@ def _tunnel_devices(
 ) -> list[Any]:
     """Geneve devices ``(name, vni, address, prefixlen)`` toward ``remote`` (§1.3 / §2.1).
 
-    Kernel mode: real geneve devices (dstport default 6081, no MTU, as istio-cni: the kernel derives
-    1450 from the underlay). Userspace mode: TAP devices with the same names and addresses and that
-    derived MTU set explicitly, plus one encapsulation process per netns that speaks Geneve over
-    UDP 6081 to ``remote`` for each of them.
+    Kernel mode: real geneve devices (dstport default 6081). istio-cni gives no MTU and the kernel
+    derives underlay - 50 = 1450 from the route to ``remote``, which in a cluster already exists;
+    the lab creates devices before routes, so it states that derived 1450 itself (deviations.md).
+    Userspace mode: TAP devices with the same names, addresses and MTU, plus one encapsulation
+    process per netns that speaks Geneve over UDP 6081 to ``remote`` for each of them.
     """
     out: list[Any] = []
     for name, vni, _ip, _plen in devs:
         if tunnel == "kernel":
-            out.append(Link(netns=netns, name=name, kind="geneve", vni=vni, remote=remote))
+            out.append(Link(netns=netns, name=name, kind="geneve", vni=vni, remote=remote, mtu=TAP_MTU))
         else:
             out.append(Link(netns=netns, name=name, kind="tap", vni=vni, remote=remote, mtu=TAP_MTU))
     for name, _vni, ip, plen in devs:
