@@ -461,3 +461,42 @@ def path_target(lab: Any, path: str) -> tuple[str, tuple[str, int], str]:
     """(client netns, sink service address, sink component name) of a seed path in ``lab``."""
     _, client, svc, ns_ = SEED_PATHS[path]
     return lab.pod(client).netns, service_addr(lab, svc, ns_), f"{svc}.{ns_}"
+
+
+def lab_fixtures(prefix: str, names: dict[str, str]) -> tuple[Any, Any, Any]:
+    """pytest fixtures shared by the load and fault tests: a module-wide NETLAB_RUN_DIR, and the
+    seed labs (``{"S1": lab, "S23": lab}``) brought up once per module and always torn down.
+
+    Use as ``run_dir, netlab_run_dir, labs = lab_fixtures("hl-load", LAB_NAMES)`` at module level.
+    """
+    import pytest
+
+    from netlab.lab import Lab
+
+    @pytest.fixture(scope="module")
+    def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+        d = tmp_path_factory.mktemp(prefix)
+        mp = pytest.MonkeyPatch()
+        mp.setenv("NETLAB_RUN_DIR", str(d / "run"))
+        yield d
+        mp.undo()
+
+    @pytest.fixture(autouse=True)
+    def netlab_run_dir(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("NETLAB_RUN_DIR", str(run_dir / "run"))
+
+    @pytest.fixture(scope="module")
+    def labs(run_dir: Path) -> Any:
+        up: dict[str, Any] = {}
+        try:
+            for key, name in names.items():
+                up[key] = up_seed_lab(key, name, run_dir)
+            yield up
+        finally:
+            for name in names.values():
+                try:
+                    Lab.down_lab(name)
+                except Exception:  # noqa: BLE001 - a lab that never came up
+                    pass
+
+    return run_dir, netlab_run_dir, labs

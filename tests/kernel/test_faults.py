@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,33 +42,7 @@ PROBE_EVERY_S = 0.025
 RECOVERY_LIMIT_S = float(os.environ.get("NETLAB_FAULT_RECOVERY_S", "1.0"))  # brief: 1 s; a loaded box may need more
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("hl-fault")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NETLAB_RUN_DIR", str(d / "run"))
-    yield d
-    mp.undo()
-
-
-@pytest.fixture(autouse=True)
-def netlab_run_dir(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NETLAB_RUN_DIR", str(run_dir / "run"))
-
-
-@pytest.fixture(scope="module")
-def labs(run_dir: Path) -> Iterator[dict[str, Lab]]:
-    up: dict[str, Lab] = {}
-    try:
-        for key, name in LAB_NAMES.items():
-            up[key] = lg.up_seed_lab(key, name, run_dir)
-        yield up
-    finally:
-        for name in LAB_NAMES.values():
-            try:
-                Lab.down_lab(name)
-            except Exception:  # noqa: BLE001 - a lab that never came up
-                pass
+run_dir, netlab_run_dir, labs = lg.lab_fixtures("hl-fault", LAB_NAMES)
 
 
 @dataclass

@@ -15,7 +15,6 @@ Size: ``NETLAB_LOAD_SCALE`` = ``CONNSxSIZE`` (default ``100x256KiB``; ``full`` =
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,33 +27,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.slow]
 LAB_NAMES = {"S1": "hl-load-s1", "S23": "hl-load-s23"}
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("hl-load")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NETLAB_RUN_DIR", str(d / "run"))
-    yield d
-    mp.undo()
-
-
-@pytest.fixture(autouse=True)
-def netlab_run_dir(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NETLAB_RUN_DIR", str(run_dir / "run"))
-
-
-@pytest.fixture(scope="module")
-def labs(run_dir: Path) -> Iterator[dict[str, Lab]]:
-    up: dict[str, Lab] = {}
-    try:
-        for key, name in LAB_NAMES.items():
-            up[key] = lg.up_seed_lab(key, name, run_dir)
-        yield up
-    finally:
-        for name in LAB_NAMES.values():
-            try:
-                Lab.down_lab(name)
-            except Exception:  # noqa: BLE001 - a lab that never came up
-                pass
+run_dir, netlab_run_dir, labs = lg.lab_fixtures("hl-load", LAB_NAMES)
 
 
 @pytest.mark.parametrize("path", ["S1", "S2", "S3"])
