@@ -69,6 +69,7 @@ from netlab.mesh.relay import (
     Endpoint,
     RelayResult,
     StreamReset,
+    accept_backlog,
     connect_socket,
     make_client_socket,
     relay,
@@ -103,6 +104,11 @@ BAGGAGE_HEADER = "baggage"
 FORWARDED_HEADER = "forwarded"
 TRACEPARENT_HEADER = "traceparent"
 H2_DEFAULT_WINDOW = 65535
+# The lab's limit for a TLS handshake, both sides, and for the CONNECT response after it. Envoy's
+# connect_originate ``connect_timeout: 2s`` (§5.2) covers TCP + TLS, but a BoringSSL handshake
+# costs Envoy a fraction of what OpenSSL 3.0 + Python cost us (~1 ms CPU a side before any h2),
+# so 1000 new connections on 2 shared cores queue for seconds; the 2 s stays on the TCP connect
+# and the handshake gets ztunnel's 10 s (docs/deviations.md).
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
 TLS_WRITE_HIGH = 2 * 1024 * 1024
 TLS_WRITE_LOW = 512 * 1024
@@ -130,6 +136,7 @@ class HboneError(Exception):
     def __init__(self, status: int | None, reason: str = "") -> None:
         self.status = status
         self.reason = reason
+        self.local_addr: tuple[str, int] | None = None  # set when a TCP+TLS connection existed
         super().__init__(f"HBONE CONNECT failed: {status if status is not None else '-'} {reason}".rstrip())
 
 
@@ -361,7 +368,9 @@ class HboneStream(Endpoint):
     def _finish(self) -> None:
         super()._finish()
         if not self._response.done():
-            self._response.set_exception(self.reset_exc or StreamReset("stream closed before response"))
+            # a copy: the waiter raises it, and a raised exception stored on us would be a cycle
+            self._response.set_exception(
+                self._reset_error() if self.reset_exc is not None else StreamReset("stream closed before response"))
             self._response.exception()  # mark retrieved
         self._conn._stream_closed(self)
 
@@ -462,6 +471,26 @@ class _H2Conn(asyncio.Protocol):
         self._terminate(exc or StreamReset("HBONE connection closed"))
         if not self.closed.done():
             self.closed.set_result(None)
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the TLS transport and the h2 state as soon as the connection is gone.
+
+        Streams outlive their connection (a relay or a log line may still hold one, and each
+        holds ``_conn``), and h2's ``H2Connection`` refers to itself through its frame dispatch
+        table of bound methods, so without this a closed connection's TLS transport (uvloop's
+        SSLProtocol has a 256 KiB read buffer, plus the OpenSSL SSL object and its BIOs) and
+        the h2 state (streams, HPACK tables, ~350 objects) waited for a full cyclic GC pass,
+        which a proxy with many long-lived objects runs rarely: RSS grew with every
+        connection handled. Nothing uses either once ``_lost`` is set.
+        """
+        self.transport = None
+        self._on_request = None
+        self._check = None
+        self._rbuf = bytearray()
+        table = getattr(self.h2, "_frame_dispatch_table", None)
+        if isinstance(table, dict):
+            table.clear()  # breaks H2Connection's self-reference (bound methods)
 
     def pause_writing(self) -> None:
         self._paused = True
@@ -718,6 +747,7 @@ async def hbone_connect(
     transparent: bool = False,
     sock: socket.socket | None = None,
     timeout: float = CONNECT_TIMEOUT_S,
+    tls_timeout: float | None = None,
     method: str = "CONNECT",
 ) -> HboneStream:
     """Open one HBONE tunnel: TCP (+spoofed source) -> mTLS 1.3/h2 -> CONNECT ``authority``.
@@ -728,8 +758,14 @@ async def hbone_connect(
     SPIFFE ID the server must present (a list accepts any of them; None skips the check, for
     tests only). Returns the stream after a 200; raises :class:`HboneError` (status set) for
     other statuses and :class:`HboneTlsError` for TLS/identity failures.
+
+    ``timeout`` bounds the TCP connect. ``tls_timeout`` bounds the TLS handshake and, separately,
+    the wait for the CONNECT response; default: :data:`TLS_HANDSHAKE_TIMEOUT_S`, or ``timeout``
+    if that is longer.
     """
     loop = asyncio.get_running_loop()
+    if tls_timeout is None:
+        tls_timeout = max(timeout, TLS_HANDSHAKE_TIMEOUT_S)
     if sock is None:
         sock = make_client_socket(addr, source, transparent)
     try:
@@ -752,18 +788,26 @@ async def hbone_connect(
         conn = _H2Conn(client_side=True, check=check)
         try:
             await loop.create_connection(
-                lambda: conn, sock=sock, ssl=ctx, server_hostname="", ssl_handshake_timeout=timeout
+                lambda: conn, sock=sock, ssl=ctx, server_hostname="", ssl_handshake_timeout=tls_timeout
             )
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
-            raise HboneTlsError(f"TLS handshake with {addr[0]}:{addr[1]} failed: {e!r}") from e
+            conn._release()  # connection_made/connection_lost will never come
+            # e's traceback runs through the loop's frames holding the failed waiter (which holds
+            # e): a cycle that would pin our frames (conn, sock); the message is what matters
+            raise HboneTlsError(f"TLS handshake with {addr[0]}:{addr[1]} failed: {e!r}") from e.with_traceback(None)
     except BaseException:
         sock.close()
         raise
     if conn.failed:
         raise HboneTlsError(conn.failed)
     try:
-        return await _open_stream(conn, authority, headers, timeout, method, f"{addr[0]}:{addr[1]}")
-    except HboneError:
+        return await _open_stream(conn, authority, headers, tls_timeout, method, f"{addr[0]}:{addr[1]}")
+    except HboneError as e:
+        if e.status is not None:  # refused over a real connection: keep its 4-tuple for the logs/trace
+            try:
+                e.local_addr = sock.getsockname()[:2]
+            except OSError:
+                pass
         conn.close()
         raise
 
@@ -780,6 +824,8 @@ async def _open_stream(
     if method != "CONNECT":
         hdrs += [(":scheme", "https"), (":path", "/")]
     hdrs += _header_list(headers)
+    if conn._lost:
+        raise HboneTlsError(f"connection to {peer} closed before a request")
     try:
         sid = conn.h2.get_next_available_stream_id()
         stream = HboneStream(conn, sid)
@@ -948,6 +994,8 @@ class HboneServer:
                 await asyncio.sleep(0.05)
                 continue
             self._spawn(self._serve_conn(sock))
+            for sock in accept_backlog(self._lsock):
+                self._spawn(self._serve_conn(sock))
 
     def _check_peer(self, conn: _H2Conn) -> str | None:
         if not any(_trust_domain(i) == self.trust_domain for i in conn.peer_identities):
@@ -977,6 +1025,8 @@ class HboneServer:
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as e:
             self.stats["tls_failed"] += 1
             log.info("hbone: TLS handshake failed: %r", e)
+            conn._release()  # connection_made/connection_lost will never come
+            e.with_traceback(None)  # a cycle through the loop's waiter otherwise (see hbone_connect)
             sock.close()
             return
         if conn.failed:

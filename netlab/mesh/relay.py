@@ -37,8 +37,10 @@ __all__ = [
     "tcp_connect",
     "tcp_stream_from_socket",
     "make_client_socket",
+    "accept_backlog",
     "set_linger_zero",
     "install_fast_loop",
+    "enable_idle_heap_trim",
     "IP_TRANSPARENT",
     "IP_FREEBIND",
 ]
@@ -63,7 +65,9 @@ class StreamReset(ConnectionResetError):
 
 
 def install_fast_loop() -> bool:
-    """Use uvloop for new event loops if it is installed; returns whether it is."""
+    """Proxy-process setup: uvloop for new event loops if it is installed (returns whether it
+    is), and :func:`enable_idle_heap_trim`."""
+    enable_idle_heap_trim()
     try:
         import uvloop
     except ImportError:
@@ -72,8 +76,62 @@ def install_fast_loop() -> bool:
     return True
 
 
+# ---- giving freed heap back once a burst is over ---------------------------------------------
+IDLE_TRIM_S = 0.5
+_trim_interval: float | None = None
+_trim_loop: asyncio.AbstractEventLoop | None = None
+_malloc_trim: Any = None
+
+
+def enable_idle_heap_trim(interval: float = IDLE_TRIM_S) -> bool:
+    """Call glibc ``malloc_trim(0)`` when a burst of connections is over.
+
+    A burst peaks at (connections x bytes in flight): TLS buffers, h2 frames, relayed chunks.
+    glibc keeps what they freed (fragmented heap, raised mmap threshold), so a proxy's RSS
+    stayed at the burst's peak after every connection was gone. Checked every ``interval`` s on
+    the loop of the first endpoint made: it trims when endpoints finished since the last trim
+    and now none is open, or none was made or finished during the last interval. So at most
+    once per interval, and not at all while connections keep coming and going. Returns False
+    where there is no ``malloc_trim`` (not glibc).
+    """
+    global _trim_interval, _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if not _malloc_trim:
+        return False
+    _trim_interval = interval
+    return True
+
+
+def _arm_trim(loop: asyncio.AbstractEventLoop) -> None:
+    global _trim_loop
+    if _trim_interval is None or _trim_loop is loop:
+        return
+    _trim_loop = loop
+    state = {"seen": (-1, -1), "trimmed": Endpoint.n_finished}
+
+    def tick() -> None:
+        if _trim_loop is not loop or loop.is_closed():
+            return
+        now = (Endpoint.n_created, Endpoint.n_finished)
+        if now[1] != state["trimmed"] and (now[0] == now[1] or now == state["seen"]):
+            state["trimmed"] = now[1]
+            _malloc_trim(0)
+        state["seen"] = now
+        loop.call_later(_trim_interval or IDLE_TRIM_S, tick)
+
+    loop.call_later(_trim_interval, tick)
+
+
 def set_linger_zero(sock: Any) -> None:
     """Make the next close() send RST instead of FIN (how a reset is passed on to TCP)."""
+    if sock is None:  # uvloop: the transport's handle is already closed
+        return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
@@ -91,8 +149,14 @@ class Endpoint:
     ``_on_writable`` and ``_on_closed``.
     """
 
+    n_created = 0  # endpoints made / finished in this process (idle detection for the heap trim)
+    n_finished = 0
+
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
+        Endpoint.n_created += 1
+        if _trim_interval is not None and _trim_loop is not self._loop:
+            _arm_trim(self._loop)
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._read_waiter: asyncio.Future[None] | None = None
@@ -174,6 +238,20 @@ class Endpoint:
         self._finish()
 
     # ---- internal helpers -------------------------------------------------------------------
+    def _reset_error(self) -> BaseException:
+        """A fresh copy of ``reset_exc`` to raise or to put in a waiter.
+
+        Raising the stored exception itself would hang the raising frames (and with them this
+        endpoint, its transport and TLS state) on its ``__traceback__``: a reference cycle that
+        only the cyclic GC can free, and a traceback that grows with every raise.
+        """
+        exc = self.reset_exc
+        assert exc is not None
+        try:
+            return type(exc)(*exc.args)
+        except Exception:  # noqa: BLE001 - an exception type with an unusual __init__
+            return StreamReset(str(exc))
+
     def _pause(self, reason: str) -> None:
         if not self._pause_reasons:
             self._pause_reasons.add(reason)
@@ -186,6 +264,15 @@ class Endpoint:
             self._pause_reasons.discard(reason)
             if not self._pause_reasons:
                 self._t_resume()
+
+    def pause_reading(self, reason: str = "owner") -> None:
+        """Stop taking bytes from the peer (TCP: stop reading the socket, so the kernel buffers
+        and TCP flow control pushes back; HBONE: return no flow-control credit) until
+        :meth:`resume_reading` with the same ``reason``."""
+        self._pause(reason)
+
+    def resume_reading(self, reason: str = "owner") -> None:
+        self._resume(reason)
 
     @property
     def reading_paused(self) -> bool:
@@ -202,15 +289,15 @@ class Endpoint:
 
     def _finish(self) -> None:
         self._wake_reader()
-        exc = self.reset_exc
         for w in self._drain_waiters:
             if not w.done():
-                if exc is not None:
-                    w.set_exception(exc)
+                if self.reset_exc is not None:
+                    w.set_exception(self._reset_error())
                 else:
                     w.set_result(None)
         self._drain_waiters = []
         if not self.done.done():
+            Endpoint.n_finished += 1
             self.done.set_result(None)
 
     # ---- pull API -----------------------------------------------------------------------------
@@ -218,7 +305,7 @@ class Endpoint:
         """Up to ``n`` bytes (all buffered ones if ``n`` < 0); ``b""`` at EOF; raises on reset."""
         while not self._chunks:
             if self.reset_exc is not None and self.reset_by_peer:
-                raise self.reset_exc
+                raise self._reset_error()
             if self.eof_received or self.reset_exc is not None:
                 return b""
             self._read_waiter = self._loop.create_future()
@@ -280,7 +367,7 @@ class Endpoint:
     async def drain(self) -> None:
         """Wait until the write buffer is below the low watermark; raises if the stream reset."""
         if self.reset_exc is not None:
-            raise self.reset_exc
+            raise self._reset_error()
         if not self._write_blocked:
             return
         w = self._loop.create_future()
@@ -360,7 +447,11 @@ class _TcpProtocol(asyncio.Protocol):
         return True  # keep the write side open: half-close
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.ep._on_closed(exc)
+        ep = self.ep
+        ep._on_closed(exc)
+        # the transport has let go of us; TcpStream.protocol <-> self.ep would otherwise be a
+        # cycle that keeps the endpoint (and what it buffered) until the cyclic GC runs
+        ep.protocol = None  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
         self.ep._on_write_blocked()
@@ -394,8 +485,7 @@ class TcpStream(Endpoint):
         self._transport.write(data)
 
     def _t_write_eof(self) -> None:
-        assert self._transport is not None
-        if not self._transport.is_closing():
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.write_eof()
 
     def _t_abort(self) -> None:
@@ -465,6 +555,31 @@ def make_client_socket(
     return sock
 
 
+ACCEPT_BATCH = 128
+
+
+def accept_backlog(lsock: socket.socket, limit: int = ACCEPT_BATCH) -> list[socket.socket]:
+    """Whatever else is already waiting in a non-blocking listener's backlog (up to ``limit``).
+
+    ``loop.sock_accept`` takes one connection per event-loop iteration; when 1000 clients
+    connect at once and every iteration also relays data, the last ones wait seconds in the
+    backlog (their TLS handshake clock already running on the other side). Accept loops call
+    this after each ``sock_accept``, as libuv and Envoy accept in batches.
+    """
+    out: list[socket.socket] = []
+    while len(out) < limit:
+        try:
+            sock, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except (ConnectionAbortedError, ConnectionResetError):
+            continue
+        except OSError:
+            break  # EMFILE & co: the caller's sock_accept reports it and backs off
+        out.append(sock)
+    return out
+
+
 async def connect_socket(sock: socket.socket, dest: tuple[str, int], timeout: float) -> None:
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
@@ -472,6 +587,10 @@ async def connect_socket(sock: socket.socket, dest: tuple[str, int], timeout: fl
         await asyncio.wait_for(loop.sock_connect(sock, dest), timeout)
     except asyncio.TimeoutError:
         raise TimeoutError(errno.ETIMEDOUT, f"connect to {dest[0]}:{dest[1]} timed out") from None
+    except OSError as e:
+        # without the frames below us: wait_for's frame holds the failed future, which holds
+        # ``e``, so that traceback is a cycle pinning every caller's frame (streams, legs) too
+        raise e.with_traceback(None) from None
 
 
 async def tcp_connect(
@@ -530,6 +649,7 @@ async def relay(downstream: Endpoint, upstream: Endpoint) -> RelayResult:
     except asyncio.CancelledError:
         downstream.abort()
         upstream.abort()
+        _unlink(downstream, upstream)
         raise
     if downstream.reset_exc is not None and downstream.reset_by_peer:
         outcome = OUTCOME_DOWNSTREAM_RESET
@@ -545,4 +665,14 @@ async def relay(downstream: Endpoint, upstream: Endpoint) -> RelayResult:
         outcome = OUTCOME_OK
     downstream.close()
     upstream.close()
+    _unlink(downstream, upstream)
     return RelayResult(downstream.bytes_received - up0, upstream.bytes_received - down0, outcome)
+
+
+def _unlink(*eps: Endpoint) -> None:
+    """Undo ``_attach``: the two endpoints point at each other (sink/producer), a reference cycle
+    that would keep both, and the connections under them (an HBONE stream holds its TLS
+    transport), alive until the cyclic GC ran. Both are done here, so nothing flows any more."""
+    for ep in eps:
+        ep._sink = None
+        ep._producer = None

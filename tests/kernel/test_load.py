@@ -15,7 +15,6 @@ Size: ``NETLAB_LOAD_SCALE`` = ``CONNSxSIZE`` (default ``100x256KiB``; ``full`` =
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 

@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
+import json
 import os
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,7 +36,7 @@ from netlab.mesh.hbone import (
     parse_baggage,
     parse_forwarded_for,
 )
-from netlab.mesh.relay import StreamReset, relay, tcp_connect
+from netlab.mesh.relay import StreamReset, relay, tcp_connect, tcp_stream_from_socket
 
 SERVER_IP = "127.0.0.2"
 SERVER_ID = spiffe_id("srv", "server")
@@ -478,3 +485,150 @@ def test_server_handles_several_streams_on_one_connection(pki):
         await up.close()
 
     run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# An HBONE peer that dies mid-stream is a reset downstream, never a clean end (FIN / END_STREAM).
+# The server runs in a child process that gets SIGKILL: its kernel closes the TLS connection with
+# a FIN when the dead process had read everything (the case a relay could mistake for a
+# half-close), or with a RST when bytes were still unread ("stalled": SIGSTOP first).
+# ---------------------------------------------------------------------------------------------
+_KILLED_SERVER = r"""
+import asyncio, hashlib, json, os, sys
+from netlab.mesh.hbone import HboneServer
+from netlab.mesh.relay import install_fast_loop, tcp_connect
+
+cert, key, ca = sys.argv[1:4]
+
+async def main():
+    async def sink(r, w):  # never answers before the client's EOF, which never comes
+        try:
+            while await r.read(1 << 16):
+                pass
+            w.write(b"digest\n")
+            await w.drain()
+        except ConnectionError:
+            pass
+        w.close()
+
+    up = await asyncio.start_server(sink, "127.0.0.1", 0)
+    upaddr = up.sockets[0].getsockname()
+
+    async def handler(req):
+        return await tcp_connect(upaddr)
+
+    srv = await HboneServer(handler=handler, cert_for=lambda ip: (cert, key), default_cert=(cert, key), ca=ca,
+                            check_authority=False).start(host="127.0.0.2", port=0)
+    print(json.dumps({"port": srv.sockname[1]}), flush=True)
+    await asyncio.Event().wait()
+
+if sys.argv[4] == "uvloop":
+    install_fast_loop()
+asyncio.run(main())
+"""
+
+LOOP_KINDS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+@pytest.mark.parametrize("loop_kind", LOOP_KINDS)
+@pytest.mark.parametrize("how", ["drained", "stalled"])
+def test_hbone_server_killed_mid_stream_is_a_reset_never_a_fin(pki, loop_kind, how):
+    """12 TCP clients -> relay (a sidecar's outbound leg) -> HBONE -> server process, plus one
+    pull-API HBONE client; SIGKILL the server mid-stream. Every TCP client must get a RST (not a
+    FIN) and the HBONE client a reset (not b"")."""
+    n = 12
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    cert, key = pki["server"]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_SERVER, str(cert), str(key), str(pki["ca"]), loop_kind],
+                             stdout=subprocess.PIPE, env=env)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        port = json.loads(await loop.run_in_executor(None, child.stdout.readline))["port"]
+        server = SimpleNamespace(sockname=("127.0.0.2", port))
+        outcomes: list[str] = []
+        relaying: list[object] = []
+
+        async def sidecar_leg(sock):
+            down = await tcp_stream_from_socket(sock)
+            up = await connect(pki, server)
+            relaying.append(up)
+            outcomes.append((await relay(down, up)).outcome)
+
+        lsock = socket.socket()
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(64)
+        lsock.setblocking(False)
+        legs = []
+
+        async def accept():
+            while True:
+                s, _ = await loop.sock_accept(lsock)
+                legs.append(asyncio.ensure_future(sidecar_leg(s)))
+
+        acceptor = asyncio.ensure_future(accept())
+        chunk = os.urandom(64 * 1024)
+        clients = []
+        for _ in range(n):
+            c = socket.socket()
+            c.setblocking(False)
+            await loop.sock_connect(c, lsock.getsockname())
+            clients.append(c)
+        direct = await connect(pki, server)
+        for c in clients:  # mid-stream: some bytes sent, no FIN
+            await loop.sock_sendall(c, chunk)
+        direct.write(chunk)
+        for _ in range(500):  # every leg is up and relaying
+            if len(relaying) == n:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # "drained": the server has read it all, so its kernel will FIN
+        if how == "stalled":
+            child.send_signal(signal.SIGSTOP)
+            for c in clients:  # sits unread in the stopped server's socket: its kernel will RST
+                await loop.sock_sendall(c, chunk)
+            direct.write(chunk)
+            await asyncio.sleep(0.2)
+        child.kill()
+
+        async def ending(c):
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(c, 65536), 10)
+            except ConnectionResetError:
+                return "reset"
+            return "FIN (clean end, bytes missing)" if data == b"" else f"data {data[:20]!r}"
+
+        ends = await asyncio.gather(*(ending(c) for c in clients))
+        try:
+            got = await asyncio.wait_for(direct.read(), 10)
+            direct_end = "FIN (clean end, bytes missing)" if got == b"" else f"data {got[:20]!r}"
+        except ConnectionError:
+            direct_end = "reset"
+        await asyncio.gather(*legs)
+        acceptor.cancel()
+        for c in clients:
+            c.close()
+        lsock.close()
+        assert ends == ["reset"] * n, ends
+        assert direct_end == "reset"
+        assert outcomes == ["upstream_reset"] * n, outcomes
+
+    try:
+        loop = _new_loop(loop_kind)
+        try:
+            loop.run_until_complete(asyncio.wait_for(main(), 30))
+        finally:
+            loop.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()

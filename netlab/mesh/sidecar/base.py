@@ -22,6 +22,7 @@ from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.connlog import ConnLog, Leg
 from netlab.mesh.hbone import ConnectRequest
 from netlab.mesh.registry import Workload
+from netlab.mesh.relay import accept_backlog
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,10 @@ async def accept_loop(lsock: socket.socket, on_conn: Callable[[socket.socket], A
             log.warning("accept failed: %s", e)
             await asyncio.sleep(0.05)
             continue
-        t = loop.create_task(on_conn(sock))
-        tasks.add(t)
-        t.add_done_callback(tasks.discard)
+        for s in [sock, *accept_backlog(lsock)]:  # the whole backlog, not one per loop iteration
+            t = loop.create_task(on_conn(s))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
 
 
 ORPHAN_GRACE_S = 1.0
