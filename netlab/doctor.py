@@ -7,6 +7,7 @@ end, so asking "does TPROXY work here" never changes the root namespace.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -83,7 +84,7 @@ def run_checks() -> list[Check]:
     except OSError as e:
         out.append(Check("netns", False, str(e), "everything", "a kernel with network namespaces, run as root"))
     try:
-        import iptc  # noqa: F401  python-iptables loads libxtables here
+        importlib.import_module("iptc")  # python-iptables loads libiptc/libxtables on import
 
         out.append(Check("python-iptables", True, "libiptc/libxtables loaded", "installing iptables rules", ""))
     except Exception as e:  # pragma: no cover - depends on the host

@@ -27,7 +27,6 @@ import json
 import os
 import resource
 import socket
-import sys
 import threading
 import time
 

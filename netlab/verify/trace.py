@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import random
 import socket
 import sys

@@ -20,7 +20,7 @@ def test_trace_names_the_denying_policy(tmp_path: Path) -> None:
     text += "policies:\n  - {name: deny-foo, namespace: bar, action: DENY, from: [ns/foo]}\n"
     topo = tmp_path / "ambient-to-ambient.yaml"  # same name: the hop contracts still apply
     topo.write_text(text)
-    lab = Lab.up(topo, name="tpol", tunnel="userspace")
+    Lab.up(topo, name="tpol", tunnel="userspace")
     try:
         r = subprocess.run([sys.executable, "-m", "netlab.cli", "trace", "--lab", "tpol", "--from", "foo/sleep",
                             "--to", "httpbin.bar:8000"], capture_output=True, text=True, timeout=60)
