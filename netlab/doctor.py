@@ -73,7 +73,7 @@ def run_checks() -> list[Check]:
             out.append(Check("TPROXY", ok, msg or "TPROXY target accepted", "ztunnel capture (reference §2.2)",
                              "CONFIG_NETFILTER_XT_TARGET_TPROXY, CONFIG_NF_TPROXY_IPV4"))
             ok, msg = _run(probe, "ipset", "create", "dset", "hash:ip", "comment")
-            out.append(Check("ipset", ok, msg or "hash:ip with comments", "ztunnel-pods-ips (reference §1.4)",
+            out.append(Check("ipset hash:ip", ok, msg or "hash:ip with comments", "ztunnel-pods-ips (reference §1.4)",
                              "CONFIG_IP_SET_HASH_IP"))
             for match, args in (("mark/connmark", ["-m", "connmark", "--mark", "0x220/0x220", "-j", "MARK", "--set-xmark", "0x200/0x200"]),
                                 ("set match", ["-m", "set", "--match-set", "dset", "src", "-j", "RETURN"]),

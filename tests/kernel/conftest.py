@@ -56,9 +56,12 @@ def root_namespace_untouched():
     assert not diffs, "root namespace changed:\n" + "\n".join(diffs)
 
 
-@pytest.fixture(autouse=True)
-def netlab_run_dir(tmp_path_factory, monkeypatch):
-    """Ledgers of tests go to a private dir, not /run/netlab."""
+@pytest.fixture(scope="module", autouse=True)
+def netlab_run_dir(tmp_path_factory):
+    """Ledgers of tests go to a private dir, not /run/netlab: one per test module, so a module-scoped
+    lab fixture and the CLI subprocesses of its tests see the same labs."""
     d = tmp_path_factory.mktemp("netlab-run")
-    monkeypatch.setenv("NETLAB_RUN_DIR", str(d))
-    return d
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NETLAB_RUN_DIR", str(d))
+    yield d
+    mp.undo()
