@@ -49,6 +49,11 @@ from netlab.plan.types import (MAIN_TABLE, Address, File, IpSet, IpSetEntry, Ipt
 Progress = Callable[[str, int, int], None]
 
 
+# The TAP's queue (txqueuelen) is also the ring between the kernel and the userspace Geneve relay;
+# a burst of 1000 SYNs (scripts/soak) overflowed the default 1000 and cost retransmitted SYNs.
+TAP_TXQLEN = 10000
+
+
 class ApplyError(RuntimeError):
     """Apply failed and was rolled back; the message names the object that failed."""
 
@@ -280,7 +285,8 @@ class _Applier:
                 for link in links:
                     if link.kind == "tap":
                         self._make_tap(link)
-                        plain.append(_tag(rtnl.link_set(name=link.name, up=True, mtu=link.mtu, mac=link.mac), link))
+                        plain.append(_tag(rtnl.link_set(name=link.name, up=True, mtu=link.mtu, mac=link.mac,
+                                                        txqlen=TAP_TXQLEN), link))
                 for link in links:
                     if link.kind == "tap" or link.master:
                         continue

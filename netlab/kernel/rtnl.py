@@ -41,6 +41,7 @@ RTM_NEWRULE, RTM_DELRULE = 32, 33
 
 IFF_UP = 1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
+IFLA_TXQLEN = 13
 IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
@@ -148,7 +149,7 @@ def link_create(name: str, kind: str, *, up: bool = True, mtu: int | None = None
 
 
 def link_set(index: int = 0, *, name: str | None = None, up: bool | None = None, master: int | None = None,
-             mtu: int | None = None, mac: str | None = None) -> Request:
+             mtu: int | None = None, mac: str | None = None, txqlen: int | None = None) -> Request:
     """Change an existing device, found by ``index`` or (index 0) by ``name``."""
     flags = change = 0
     if up is not None:
@@ -161,6 +162,8 @@ def link_set(index: int = 0, *, name: str | None = None, up: bool | None = None,
         attrs += a_u32(IFLA_MTU, mtu)
     if mac:
         attrs += a_mac(IFLA_ADDRESS, mac)
+    if txqlen:
+        attrs += a_u32(IFLA_TXQLEN, txqlen)
     return Request(RTM_NEWLINK, 0, _IFI.pack(socket.AF_UNSPEC, 0, index, flags, change) + attrs)
 
 
