@@ -16,6 +16,7 @@ import ctypes
 import errno
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,25 +117,8 @@ def create_netns(name: str) -> None:
     The thread unshares a fresh netns, bind-mounts ``/proc/thread-self/ns/net`` onto the
     name, and returns to where it was. Raises FileExistsError if the name is taken.
     """
-    NETNS_RUN_DIR.mkdir(parents=True, exist_ok=True)
-    _ensure_run_netns_shared()
-    path = netns_path(name)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-    os.close(fd)
-    home = own_netns_fd()
-    try:
-        try:
-            _check(_libc.unshare(CLONE_NEWNET), f"unshare for {name!r}")
-            src = f"/proc/{os.getpid()}/task/{_gettid()}/ns/net".encode()
-            _check(_libc.mount(src, str(path).encode(), b"none", MS_BIND, None), f"bind-mount netns {name!r}")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
-        finally:
-            setns_fd(home)
-    finally:
-        os.close(home)
+    with new_netns(name):
+        pass
 
 
 @contextlib.contextmanager
@@ -156,7 +140,7 @@ def new_netns(name: str) -> Iterator[None]:
         try:
             _check(_libc.unshare(CLONE_NEWNET), f"unshare for {name!r}")
             try:
-                src = f"/proc/{os.getpid()}/task/{_gettid()}/ns/net".encode()
+                src = f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net".encode()
                 _check(_libc.mount(src, str(path).encode(), b"none", MS_BIND, None), f"bind-mount netns {name!r}")
             except BaseException:
                 setns_fd(home)
@@ -191,16 +175,6 @@ def list_netns() -> list[str]:
     if not NETNS_RUN_DIR.is_dir():
         return []
     return sorted(p.name for p in NETNS_RUN_DIR.iterdir())
-
-
-def _gettid() -> int:
-    return threading_native_id()
-
-
-def threading_native_id() -> int:
-    import threading
-
-    return threading.get_native_id()
 
 
 _shared_done = False

@@ -22,7 +22,8 @@ from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.connlog import ConnLog, Leg
 from netlab.mesh.hbone import ConnectRequest
 from netlab.mesh.registry import Workload
-from netlab.mesh.relay import accept_backlog
+from netlab.mesh.relay import RelayResult, accept_backlog
+from netlab.mesh.sockets import original_dst
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,36 @@ async def accept_loop(lsock: socket.socket, on_conn: Callable[[socket.socket], A
 
 
 ORPHAN_GRACE_S = 1.0
+
+
+def finish_parked_leg(legs: dict[object, Leg], conn_log: ConnLog, req: ConnectRequest, res: RelayResult) -> None:
+    """``HboneServer.on_relay_done``: log the leg the handler parked for this stream."""
+    leg = legs.pop(req.stream, None)
+    if leg is None:
+        return
+    leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
+    if res.outcome != "ok":
+        leg.extra["reset"] = res.outcome
+    conn_log.write(leg.finish("ok" if res.outcome == "ok" else "reset"))
+
+
+class RedirectListener:
+    """A sidecar listener fed by istio-iptables REDIRECT: read the original destination off the
+    conntrack entry (SO_ORIGINAL_DST), then hand the socket to ``serve``."""
+
+    listener = ""
+
+    async def on_accept(self, sock: socket.socket) -> None:
+        try:
+            orig = original_dst(sock)
+        except OSError as e:  # the socket already died
+            log.info("%s: no original destination: %s", self.listener, e)
+            sock.close()
+            return
+        await self.serve(sock, orig)
+
+    async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
+        raise NotImplementedError
 
 
 def watch_orphan(req: ConnectRequest, legs: dict[object, Leg], conn_log: ConnLog) -> None:

@@ -23,8 +23,7 @@ from netlab.mesh.connlog import ConnLog, Leg, addr
 from netlab.mesh.hbone import CertPair, ConnectRequest, HboneServer
 from netlab.mesh.registry import Registry, Workload
 from netlab.mesh.relay import Endpoint, RelayResult, relay, tcp_connect, tcp_stream_from_socket
-from netlab.mesh.sidecar.base import watch_orphan
-from netlab.mesh.sockets import original_dst
+from netlab.mesh.sidecar.base import RedirectListener, finish_parked_leg, watch_orphan
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ async def connect_app(dest: tuple[str, int], bind_ip: str = INBOUND_BIND_IP) -> 
     return await tcp_connect(dest, source=(bind_ip, 0), timeout=INBOUND_CONNECT_TIMEOUT_S)
 
 
-class Inbound:
+class Inbound(RedirectListener):
     """Plaintext inbound (15006) connections; one ConnLog line each."""
 
     def __init__(self, *, me: Workload, conn_log: ConnLog, component: str,
@@ -49,15 +48,6 @@ class Inbound:
         self.component = component
         self.listener = f"inbound:{listener_port}"
         self.bind_ip = bind_ip
-
-    async def on_accept(self, sock: socket.socket) -> None:
-        try:
-            orig = original_dst(sock)
-        except OSError as e:
-            log.info("inbound: no original destination: %s", e)
-            sock.close()
-            return
-        await self.serve(sock, orig)
 
     async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
         leg = Leg(component=self.component, listener=self.listener, src=addr(sock.getpeername()),
@@ -127,10 +117,4 @@ class HboneInbound:
         return up
 
     def done(self, req: ConnectRequest, res: RelayResult) -> None:
-        leg = self._legs.pop(req.stream, None)
-        if leg is None:
-            return
-        leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
-        if res.outcome != "ok":
-            leg.extra["reset"] = res.outcome
-        self.conn_log.write(leg.finish("ok" if res.outcome == "ok" else "reset"))
+        finish_parked_leg(self._legs, self.conn_log, req, res)

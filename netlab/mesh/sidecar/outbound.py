@@ -32,8 +32,7 @@ from netlab.mesh.connlog import ConnLog, Leg, addr
 from netlab.mesh.hbone import TLS_HANDSHAKE_TIMEOUT_S, HboneError, baggage_header, format_authority, hbone_connect
 from netlab.mesh.registry import Registry, Workload
 from netlab.mesh.relay import Endpoint, relay, tcp_connect, tcp_stream_from_socket
-from netlab.mesh.sidecar.base import TrustDomainSans
-from netlab.mesh.sockets import original_dst
+from netlab.mesh.sidecar.base import RedirectListener, TrustDomainSans
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def route_outbound(reg: Registry, orig: tuple[str, int], *, hbone_port: int = is
     return OutboundRoute("tcp", (wl.ip, target_port), endpoint=wl)
 
 
-class Outbound:
+class Outbound(RedirectListener):
     """Handles connections accepted on 15001; one ConnLog line per connection."""
 
     def __init__(self, *, reg: Registry, me: Workload, cert: tuple[str, str], ca: str, conn_log: ConnLog,
@@ -101,16 +100,6 @@ class Outbound:
         self.listener = f"outbound:{listener_port}"
         self.rng = rng
         self.sans = TrustDomainSans(reg.trust_domain)
-
-    async def on_accept(self, sock: socket.socket) -> None:
-        """Accept-loop entry: read the original destination off the conntrack entry, then serve."""
-        try:
-            orig = original_dst(sock)
-        except OSError as e:  # the socket already died
-            log.info("outbound: no original destination: %s", e)
-            sock.close()
-            return
-        await self.serve(sock, orig)
 
     async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
         """Proxy one downstream connection whose original destination is ``orig``."""

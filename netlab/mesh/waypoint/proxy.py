@@ -30,7 +30,7 @@ from netlab.mesh.hbone import (TLS_HANDSHAKE_TIMEOUT_S, CertPair, ConnectRequest
                                format_authority, hbone_connect)
 from netlab.mesh.registry import Registry, Workload
 from netlab.mesh.relay import Endpoint, RelayResult
-from netlab.mesh.sidecar.base import watch_orphan
+from netlab.mesh.sidecar.base import finish_parked_leg, watch_orphan
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,4 @@ class Waypoint:
         return up
 
     def done(self, req: ConnectRequest, res: RelayResult) -> None:
-        leg = self._legs.pop(req.stream, None)
-        if leg is None:
-            return
-        leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
-        if res.outcome != "ok":
-            leg.extra["reset"] = res.outcome
-        self.conn_log.write(leg.finish("ok" if res.outcome == "ok" else "reset"))
+        finish_parked_leg(self._legs, self.conn_log, req, res)
