@@ -137,12 +137,19 @@ def validate(plan: Plan) -> None:
             raise ValueError(f"{describe(o)}: a veth needs peer_name and a peer_netns created by the plan")
 
 
-def apply(plan: Plan, *, progress: Progress | None = None, workers: int = 4) -> None:
+def default_workers() -> int:
+    """One worker per CPU: the kernel work is CPU-bound and serialised on the rtnl mutex and the
+    /run/netns directory lock, and extra threads only spin on those (measured on 2 vCPUs, 1000
+    pods: 2 workers 1.38 ms/pod, 4 workers 1.59, 8 workers 1.55)."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
+def apply(plan: Plan, *, progress: Progress | None = None, workers: int | None = None) -> None:
     """Create every kernel object of ``plan``; on failure roll back and raise :class:`ApplyError`."""
     validate(plan)
     ledger = Ledger.create(plan)
     try:
-        _Applier(plan, ledger, progress, workers).run()
+        _Applier(plan, ledger, progress, workers or default_workers()).run()
         ledger.done()
     except BaseException as e:
         ledger.close()
@@ -175,8 +182,17 @@ class _Applier:
         self.workers = max(1, workers)
         self.cookies: dict[str, int] = {}
         self._cookie_lock = threading.Lock()
+        self._fds: dict[str, int] = {}
 
     def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _run(self) -> None:
         self.root_cookie = ns.current_cookie()
         p = self.plan
         owners = {link.netns for link in p.links}
@@ -194,6 +210,8 @@ class _Applier:
             for o in getattr(p, section):
                 work[o.netns][section].append(o)
 
+        inverted = {link.key for leaf in leaves for link in into.get(leaf, [])}
+
         def count(n: str) -> int:
             return sum(len(v) for v in work[n].values()) if n in work else 0
 
@@ -203,14 +221,17 @@ class _Applier:
             groups = [infra[i:i + chunk] for i in range(0, len(infra), chunk)]
             self._phase(pool, "netns", [(self._make_netns, g, len(g)) for g in groups], len(infra))
 
-            inverted = {link.key for leaf in leaves for link in into.get(leaf, [])}
             by_owner: dict[str, list[Link]] = defaultdict(list)
             for link in p.links:
                 if link.key not in inverted:
                     by_owner[link.netns].append(link)
             tasks = [(self._make_links, (n, ls), len(ls)) for n, ls in by_owner.items()]
-            tasks += [(self._leaf, (n, into.get(n.name, []), work.get(n.name, {})), 1 + count(n.name))
-                      for n in p.netns if n.name in leaves]
+            pods = [(n, into.get(n.name, []), work.get(n.name, {})) for n in p.netns if n.name in leaves]
+            # a few pods per task: one future (and one wake-up of the main thread) per pod costs
+            # more Python than the pod's own netlink messages
+            per = max(1, min(16, len(pods) // (self.workers * 8) or 1))
+            tasks += [(self._leaves, pods[i:i + per], sum(1 + count(x[0].name) for x in pods[i:i + per]))
+                      for i in range(0, len(pods), per)]
             self._phase(pool, "pods", tasks, sum(t[2] for t in tasks))
 
             tasks = []
@@ -245,17 +266,18 @@ class _Applier:
     def _make_netns(self, group: list[Netns]) -> None:
         self.ledger.intent(group)
         for i, n in enumerate(group):
-            try:
-                ns.create_netns(n.name)
-            except FileExistsError as e:
-                for m in group[i:]:
-                    self.ledger.failed(m)  # someone else's (or never made): destroy must not touch it
-                raise _ObjError(n, e) from e
-            except OSError as e:
-                for m in group[i + 1:]:
-                    self.ledger.failed(m)
-                raise _ObjError(n, e) from e
-            with ns.in_netns(n.name), rtnl.Rtnl() as r:
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(ns.new_netns(n.name))
+                except FileExistsError as e:
+                    for m in group[i:]:
+                        self.ledger.failed(m)  # someone else's (or never made): destroy must not touch it
+                    raise _ObjError(n, e) from e
+                except OSError as e:
+                    for m in group[i + 1:]:
+                        self.ledger.failed(m)
+                    raise _ObjError(n, e) from e
+                r = stack.enter_context(rtnl.Rtnl())
                 if r.cookie == self.root_cookie:
                     raise _ObjError(n, "socket landed in the root netns; refusing to write")
                 try:
@@ -342,9 +364,13 @@ class _Applier:
             raise _ObjError(req.tag, err)
 
     # -- pods: one visit per leaf netns --
-    def _leaf(self, arg: tuple[Netns, list[Link], dict[str, list[Any]]]) -> None:
-        n, inbound, work = arg
-        self.ledger.intent([n])
+    def _leaves(self, pods: list[tuple[Netns, list[Link], dict[str, list[Any]]]]) -> None:
+        for n, inbound, work in pods:
+            self._leaf(n, inbound, work)
+
+    def _leaf(self, n: Netns, inbound: list[Link], work: dict[str, list[Any]]) -> None:
+        # one ledger write for all the pod's netlink objects (ahead of them, as always)
+        self.ledger.intent([n, *inbound, *work.get("addresses", ()), *work.get("routes", ()), *work.get("rules", ())])
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(ns.new_netns(n.name))
@@ -358,16 +384,29 @@ class _Applier:
                 raise _ObjError(n, "socket landed in the root netns; refusing to write")
             with self._cookie_lock:
                 self.cookies[n.name] = r.cookie
-            self.ledger.intent(inbound)
+            # a fresh netns holds only lo (ifindex 1); we give our veth ends the next indexes
+            # ourselves, so addresses and routes go in the same batch, with no dump in between
+            idx = {"lo": 1}
             reqs = [_tag(rtnl.link_set(1, up=True), n)]
             for link in inbound:
-                fd = os.open(ns.netns_path(link.netns), os.O_RDONLY | os.O_CLOEXEC)
-                stack.callback(os.close, fd)
+                ours = link.peer_name or "eth0"
+                idx[ours] = len(idx) + 1
                 # the same veth, made from the pod's side: our end is the plan's peer end
-                reqs.append(_tag(rtnl.link_create(link.peer_name or "eth0", "veth", up=True, mtu=link.mtu,
-                                                  peer_name=link.name, peer_netns_fd=fd, peer_mac=link.mac), link))
-            self._check(r.batch(reqs))
-            self._configure_in(r, n.name, [], work)
+                reqs.append(_tag(rtnl.link_create(ours, "veth", up=True, mtu=link.mtu, index=idx[ours],
+                                                  peer_name=link.name, peer_netns_fd=self._netns_fd(link.netns),
+                                                  peer_mac=link.mac), link))
+            self._configure_in(r, n.name, [], work, idx=idx, first=reqs, recorded=True)
+
+    def _netns_fd(self, name: str) -> int:
+        """An fd for infrastructure netns ``name``, opened once per apply (every pod's veth
+        sends its far end there)."""
+        fd = self._fds.get(name)
+        if fd is None:
+            with self._cookie_lock:
+                fd = self._fds.get(name)
+                if fd is None:
+                    fd = self._fds[name] = os.open(ns.netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        return fd
 
     # -- configure: the rest of each infrastructure netns --
     def _configure(self, arg: tuple[str, list[tuple[Link, str]], dict[str, list[Any]]]) -> None:
@@ -375,14 +414,21 @@ class _Applier:
         with ns.in_netns(netns), self._sock(netns) as r:
             self._configure_in(r, netns, ups, work)
 
-    def _configure_in(self, r: rtnl.Rtnl, netns: str, ups: list[tuple[Link, str]], work: dict[str, list[Any]]) -> None:
-        """Everything but links, in section order, through ``r`` (already in ``netns``); first
-        bring up the veth ends other workers created here (``ups``: link, device name)."""
-        if ups:
-            self._check(r.batch([_tag(rtnl.link_set(name=dev, up=True), link) for link, dev in ups]))
-        idx: dict[str, int] = {}
-        if work.get("addresses") or work.get("routes"):
-            idx = r.link_indexes()
+    def _configure_in(self, r: rtnl.Rtnl, netns: str, ups: list[tuple[Link, str]], work: dict[str, list[Any]],
+                      *, idx: dict[str, int] | None = None, first: Sequence[rtnl.Request] = (),
+                      recorded: bool = False) -> None:
+        """Everything but links, through ``r`` (already in ``netns``).
+
+        One rtnetlink batch carries, in order: ``first`` (a pod's lo and veth), the veth ends
+        other workers created here (``ups``: link, device name) brought up, addresses, routes,
+        ip rules. Then sysctls, ipsets and iptables. Nothing in the kernel orders routes after
+        iptables, and one batch saves a round trip per section (a pod has 1000s of siblings).
+        ``idx`` (device name -> ifindex) is given when the caller knows it; else it is dumped.
+        ``recorded``: the caller has already written the netlink objects' intents.
+        """
+        if idx is None:
+            idx = r.link_indexes() if work.get("addresses") or work.get("routes") else {}
+        reqs = [*first, *(_tag(rtnl.link_set(name=dev, up=True), link) for link, dev in ups)]
 
         def index(o: Any, dev: str | None) -> int | None:
             if dev is None:
@@ -391,9 +437,16 @@ class _Applier:
                 raise _ObjError(o, f"no device {dev!r}")
             return idx[dev]
 
-        addrs = work.get("addresses", [])
-        self.ledger.intent(addrs)
-        self._check(r.batch([_tag(rtnl.addr_add(index(a, a.dev), a.ip, a.prefixlen), a) for a in addrs]))
+        addrs, routes, rules = work.get("addresses", []), work.get("routes", []), work.get("rules", [])
+        if not recorded:
+            self.ledger.intent([*addrs, *routes, *rules])
+        reqs += [_tag(rtnl.addr_add(index(a, a.dev), a.ip, a.prefixlen), a) for a in addrs]
+        reqs += [_tag(rtnl.route_add(o.dst, oif=index(o, o.dev), gateway=o.gateway, table=o.table, scope=o.scope,
+                                     src=o.src, onlink=o.onlink, type=o.type), o) for o in routes]
+        reqs += [_tag(rtnl.rule_add(o.priority, table=o.table, fwmark=o.fwmark, fwmask=o.fwmask, goto=o.goto), o)
+                 for o in rules]
+        if reqs:
+            self._check(r.batch(reqs))
 
         for s in work.get("sysctls", []):
             self.ledger.intent([s])
@@ -404,16 +457,6 @@ class _Applier:
 
         if work.get("ipt_chains") or work.get("ipt_rules"):
             self._iptables(netns, work.get("ipt_chains", []), work.get("ipt_rules", []))
-
-        routes = work.get("routes", [])
-        self.ledger.intent(routes)
-        self._check(r.batch([_tag(rtnl.route_add(o.dst, oif=index(o, o.dev), gateway=o.gateway, table=o.table,
-                                                 scope=o.scope, src=o.src, onlink=o.onlink, type=o.type), o)
-                             for o in routes]))
-        rules = work.get("rules", [])
-        self.ledger.intent(rules)
-        self._check(r.batch([_tag(rtnl.rule_add(o.priority, table=o.table, fwmark=o.fwmark, fwmask=o.fwmask,
-                                                goto=o.goto), o) for o in rules]))
 
     def _ipsets(self, netns: str, sets: list[IpSet], entries: list[IpSetEntry]) -> None:
         from pyroute2 import IPSet as NlIPSet

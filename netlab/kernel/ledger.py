@@ -91,8 +91,11 @@ def plan_json(plan: Plan) -> str:
     return json.dumps(d, separators=(",", ":"))
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # json.dumps(separators=...) builds one per call
+
+
 def _line(d: dict[str, Any]) -> bytes:
-    return (json.dumps(d, separators=(",", ":")) + "\n").encode()
+    return (_ENCODER.encode(d) + "\n").encode()
 
 
 def _append(path: Path, data: bytes) -> None:

@@ -130,7 +130,6 @@ def new_netns(name: str) -> Iterator[None]:
     namespace right away (apply does, once per pod). If the body raises, the namespace stays:
     the caller's ledger knows it and destroys it.
     """
-    NETNS_RUN_DIR.mkdir(parents=True, exist_ok=True)
     _ensure_run_netns_shared()
     path = netns_path(name)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
@@ -186,6 +185,7 @@ def _ensure_run_netns_shared() -> None:
     global _shared_done
     if _shared_done:
         return
+    NETNS_RUN_DIR.mkdir(parents=True, exist_ok=True)
     MS_SHARED, MS_REC = 1 << 20, 16384
     with open("/proc/self/mountinfo") as f:
         mounted = any(line.split()[4] == str(NETNS_RUN_DIR) for line in f)
