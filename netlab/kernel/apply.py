@@ -4,17 +4,26 @@ Phases (each a barrier; inside a phase, work is grouped per netns on a small thr
 A *pod* (leaf) netns is one that owns no device and whose incoming veths have no ``master``;
 every other netns (fabric, nodes) is *infrastructure*.
 
-1. ``netns``: create each infrastructure namespace (thread unshare + bind mount), ``lo`` up.
+1. ``netns``: create each infrastructure namespace that another netns's devices land in
+   (thread unshare + bind mount), write its ``conf.default.*`` sysctls (they only affect
+   devices made later), ``lo`` up. Pods get theirs the same way in phase 2.
 2. ``pods``: (a) per infrastructure netns, create the devices it owns (a veth's peer is made
-   directly in its ``peer_netns``); (b) per pod, ONE visit: create the netns and stay in it
-   (:func:`ns.new_netns`), ``lo`` up, create its veth from the pod side (the plan's peer end,
-   up, with the node end sent straight into the node netns), then all of the pod's own
-   objects. A visit to a netns (setns + socket) costs ~0.1 ms, so pods get exactly one.
-3. ``configure``: per infrastructure netns, bring up the veth ends other workers put there,
-   then everything else in ``Plan.SECTIONS`` order: addresses, sysctls, ipsets (+ entries),
-   iptables chains and rules (one libiptc commit per table), routes, ip rules.
+   directly in its ``peer_netns``); an infrastructure netns nobody's devices land in (the
+   fabric) is created here, by the same task; (b) per pod, ONE visit: create the netns and
+   stay in it (:func:`ns.new_netns`), then ONE rtnetlink batch: ``lo`` up, its veth made
+   from the pod side (the plan's peer end, up, with a known ifindex; the node end sent
+   straight into the node netns), its addresses, routes and ip rules; then its sysctls,
+   ipsets and iptables. A visit to a netns (setns + socket) costs ~0.05 ms, so pods get one.
+3. ``configure``: per infrastructure netns, one batch: bring up the veth ends other workers
+   put there, addresses, routes, ip rules; then sysctls, ipsets (+ entries), iptables chains
+   and rules (one libiptc commit per table).
 4. ``files`` (main thread). ``processes`` are not ours: the runtime starts them and records
    them with :func:`netlab.kernel.ledger.record_process`.
+
+Measured costs that shaped this (2 vCPUs, 1000 pods; bench-up has the totals): the kernel
+serialises nearly all of it on the rtnl mutex, so more threads than CPUs only spin; a node's
+veth ends are brought up in ONE batch because each carrier-on is a linkwatch run, and 1000
+separate runs cost more than the batch; moving the node side into the pod tasks was slower.
 
 Each worker enters its netns with :func:`ns.in_netns`, opens one rtnetlink socket *there*,
 checks its netns cookie against the one recorded when the netns was made, and sends each
@@ -183,6 +192,9 @@ class _Applier:
         self.cookies: dict[str, int] = {}
         self._cookie_lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        # conf.default.* sysctls: written as soon as their netns exists, before its devices,
+        # which is the only time they have an effect (devices copy the default when made)
+        self.early: dict[str, list[Sysctl]] = defaultdict(list)
 
     def run(self) -> None:
         try:
@@ -208,7 +220,10 @@ class _Applier:
         for section in ("addresses", "sysctls", "ipsets", "ipset_entries", "ipt_chains", "ipt_rules",
                         "routes", "rules"):
             for o in getattr(p, section):
-                work[o.netns][section].append(o)
+                if section == "sysctls" and is_default_sysctl(o.key_name):
+                    self.early[o.netns].append(o)
+                else:
+                    work[o.netns][section].append(o)
 
         inverted = {link.key for leaf in leaves for link in into.get(leaf, [])}
 
@@ -217,22 +232,31 @@ class _Applier:
 
         with ThreadPoolExecutor(self.workers, thread_name_prefix=f"apply-{p.lab}") as pool:
             infra = [n for n in p.netns if n.name not in leaves]
-            chunk = max(1, min(64, len(infra) // (self.workers * 4) or 1))
-            groups = [infra[i:i + chunk] for i in range(0, len(infra), chunk)]
-            self._phase(pool, "netns", [(self._make_netns, g, len(g)) for g in groups], len(infra))
-
             by_owner: dict[str, list[Link]] = defaultdict(list)
             for link in p.links:
                 if link.key not in inverted:
                     by_owner[link.netns].append(link)
-            tasks = [(self._make_links, (n, ls), len(ls)) for n, ls in by_owner.items()]
+            # A netns no other netns's device lands in (the fabric) is needed by nobody before
+            # the configure phase: it is made, with its devices, by a pods-phase task, so pods
+            # do not wait for it.
+            needed = {link.peer_netns for link in p.links if link.key not in inverted} | \
+                     {link.netns for link in p.links if link.key in inverted}
+            first = [n for n in infra if n.name in needed]
+            chunk = max(1, min(64, len(first) // (self.workers * 4) or 1))
+            groups = [first[i:i + chunk] for i in range(0, len(first), chunk)]
+            self._phase(pool, "netns", [(self._make_netns, g, len(g)) for g in groups], len(first))
+
+            tasks = [(self._make_netns_links, (n, by_owner.get(n.name, [])), 1 + len(by_owner.get(n.name, [])))
+                     for n in infra if n.name not in needed]
+            tasks += [(self._make_links, (n, ls), len(ls)) for n, ls in by_owner.items() if n in needed]
             pods = [(n, into.get(n.name, []), work.get(n.name, {})) for n in p.netns if n.name in leaves]
             # a few pods per task: one future (and one wake-up of the main thread) per pod costs
             # more Python than the pod's own netlink messages
             per = max(1, min(16, len(pods) // (self.workers * 8) or 1))
             tasks += [(self._leaves, pods[i:i + per], sum(1 + count(x[0].name) for x in pods[i:i + per]))
                       for i in range(0, len(pods), per)]
-            self._phase(pool, "pods", tasks, sum(t[2] for t in tasks))
+            self._phase(pool, "pods", tasks, sum(t[2] for t in tasks),
+                        meanwhile=lambda: self.ledger.write_plan(p))
 
             tasks = []
             for n in infra:
@@ -244,12 +268,22 @@ class _Applier:
         self._files()
 
     def _phase(self, pool: ThreadPoolExecutor, stage: str,
-               tasks: Sequence[tuple[Callable[..., None], Any, int]], total: int) -> None:
+               tasks: Sequence[tuple[Callable[..., None], Any, int]], total: int,
+               meanwhile: Callable[[], None] | None = None) -> None:
+        """Run ``tasks`` on the pool; ``meanwhile`` runs on this (otherwise idle) thread."""
         done = 0
         if self.progress:
             self.progress(stage, 0, total)
         futs: dict[Future, int] = {pool.submit(fn, arg): n for fn, arg, n in tasks}
         pending = set(futs)
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                wait(pending)
+                raise
         while pending:
             finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for f in finished:
@@ -280,12 +314,19 @@ class _Applier:
                 r = stack.enter_context(rtnl.Rtnl())
                 if r.cookie == self.root_cookie:
                     raise _ObjError(n, "socket landed in the root netns; refusing to write")
+                self._early_sysctls(n.name)
                 try:
                     r.call(rtnl.link_set(1, up=True))
                 except OSError as e:
                     raise _ObjError(n, f"lo up: {_errstr(e)}") from e
             with self._cookie_lock:
                 self.cookies[n.name] = r.cookie
+
+    def _make_netns_links(self, arg: tuple[Netns, list[Link]]) -> None:
+        n, links = arg
+        self._make_netns([n])
+        if links:
+            self._make_links((n.name, links))
 
     def _sock(self, netns: str) -> rtnl.Rtnl:
         r = rtnl.Rtnl()
@@ -384,6 +425,7 @@ class _Applier:
                 raise _ObjError(n, "socket landed in the root netns; refusing to write")
             with self._cookie_lock:
                 self.cookies[n.name] = r.cookie
+            self._early_sysctls(n.name)
             # a fresh netns holds only lo (ifindex 1); we give our veth ends the next indexes
             # ourselves, so addresses and routes go in the same batch, with no dump in between
             idx = {"lo": 1}
@@ -396,6 +438,13 @@ class _Applier:
                                                   peer_name=link.name, peer_netns_fd=self._netns_fd(link.netns),
                                                   peer_mac=link.mac), link))
             self._configure_in(r, n.name, [], work, idx=idx, first=reqs, recorded=True)
+
+    def _early_sysctls(self, netns: str) -> None:
+        """The netns's conf.default.* sysctls, from a thread inside it, before any device."""
+        if self.early.get(netns):
+            self.ledger.intent(self.early[netns])
+            for s in self.early[netns]:
+                _write_sysctl(s)
 
     def _netns_fd(self, name: str) -> int:
         """An fd for infrastructure netns ``name``, opened once per apply (every pod's veth
@@ -558,6 +607,12 @@ def _missing_parents(path: Path) -> list[Path]:
         out.append(d)
         d = d.parent
     return list(reversed(out))
+
+
+def is_default_sysctl(key: str) -> bool:
+    """``net.ipv4.conf.default.*`` / ``net.ipv6.conf.default.*``: what later devices start with."""
+    parts = key.split(".")
+    return len(parts) == 5 and parts[0] == "net" and parts[2] == "conf" and parts[3] == "default"
 
 
 def sysctl_path(key: str) -> str:

@@ -125,9 +125,16 @@ class Ledger:
             raise LabExistsError(f"lab {plan.lab!r} already has a ledger at {d}; destroy it first") from None
         pid = os.getpid()
         (d / LOCK).write_text(f"{pid} {proc_starttime(pid)}\n")
-        (d / PLAN).write_text(plan_json(plan))
         fd = os.open(d / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return cls(plan.lab, fd)
+
+    def write_plan(self, plan: Plan) -> None:
+        """``plan.json``, what ``Lab.attach`` reads. destroy needs only the ledger, so apply
+        writes this while its workers make the pods (1 ms per 100 pods off the critical path);
+        written to a temporary name and renamed, so a reader never sees half of it."""
+        tmp = self.dir / (PLAN + ".tmp")
+        tmp.write_text(plan_json(plan))
+        tmp.rename(self.dir / PLAN)
 
     def intent(self, objs: list[Any]) -> None:
         """Record objects about to be created, in one write (a batch's worth)."""

@@ -123,6 +123,7 @@ def build(lab: str, nodes: int = 2, pods_per_node: int = 2, *, istio_rules: bool
         links.append(Link(fabric, node, "veth", peer_netns=nns, peer_name="eth0", master="br0"))
         addrs.append(Address(nns, "eth0", node_ip(n), 24))
         sysctls.append(Sysctl(nns, "net.ipv4.ip_forward", "1"))
+        sysctls.append(Sysctl(nns, "net.ipv6.conf.default.disable_ipv6", "1"))  # as plan.build does
         for m in range(1, nodes + 1):
             if m != n:
                 routes.append(Route(nns, str(pod_cidr(m, pods_per_node)), gateway=node_ip(m)))

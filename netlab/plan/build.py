@@ -45,6 +45,7 @@ from netlab.topology.model import Topology
 Tunnel = Literal["kernel", "userspace"]
 FABRIC_BRIDGE = "br0"
 NODE_UPLINK = "eth0"
+NODE_IPV6_OFF = "net.ipv6.conf.default.disable_ipv6"  # written before the node's devices exist
 POD_IF = "eth0"
 DEFAULT_APP_PORTS = {"httpbin": (80,), "helloworld": (5000,), "sink": (9000,), "echo": (9001,)}
 KUBE_SERVICES = "KUBE-SERVICES"
@@ -158,6 +159,10 @@ class _Builder:
                      master=FABRIC_BRIDGE, mac=mac_for(self.lab, "fabric", n.name)),
                 Address(netns=ns, dev=NODE_UPLINK, ip=str(ip), prefixlen=fabric.prefixlen),
                 Sysctl(netns=ns, key_name="net.ipv4.ip_forward", value="1"),
+                # IPv4-only, like ambient in 1.18: a node holds a veth end per pod, and every
+                # IPv6 link-up walks the netns's whole IPv6 table (O(pods^2) per node) and
+                # starts DAD/MLD/RS noise on the wire; see docs/deviations.md
+                Sysctl(netns=ns, key_name=NODE_IPV6_OFF, value="1"),
             ])
 
     def _alloc(self, node: str, what: str) -> str:
