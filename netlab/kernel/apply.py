@@ -5,8 +5,8 @@ A *pod* (leaf) netns is one that owns no device and whose incoming veths have no
 every other netns (fabric, nodes) is *infrastructure*.
 
 1. ``netns``: create each infrastructure namespace that another netns's devices land in
-   (thread unshare + bind mount), write its ``conf.default.*`` sysctls (they only affect
-   devices made later), ``lo`` up. Pods get theirs the same way in phase 2.
+   (thread unshare + bind mount), write its ``conf.default.*`` sysctls and ``ip_forward``
+   (they set what devices made later start with), ``lo`` up. Pods do the same in phase 2.
 2. ``pods``: (a) per infrastructure netns, create the devices it owns (a veth's peer is made
    directly in its ``peer_netns``); an infrastructure netns nobody's devices land in (the
    fabric) is created here, by the same task; (b) per pod, ONE visit: create the netns and
@@ -192,8 +192,8 @@ class _Applier:
         self.cookies: dict[str, int] = {}
         self._cookie_lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        # conf.default.* sysctls: written as soon as their netns exists, before its devices,
-        # which is the only time they have an effect (devices copy the default when made)
+        # conf.default.* (and ip_forward) sysctls: written as soon as their netns exists, before
+        # its devices: devices copy the defaults when they are made (see is_early_sysctl)
         self.early: dict[str, list[Sysctl]] = defaultdict(list)
 
     def run(self) -> None:
@@ -220,7 +220,7 @@ class _Applier:
         for section in ("addresses", "sysctls", "ipsets", "ipset_entries", "ipt_chains", "ipt_rules",
                         "routes", "rules"):
             for o in getattr(p, section):
-                if section == "sysctls" and is_default_sysctl(o.key_name):
+                if section == "sysctls" and is_early_sysctl(o.key_name):
                     self.early[o.netns].append(o)
                 else:
                     work[o.netns][section].append(o)
@@ -440,7 +440,7 @@ class _Applier:
             self._configure_in(r, n.name, [], work, idx=idx, first=reqs, recorded=True)
 
     def _early_sysctls(self, netns: str) -> None:
-        """The netns's conf.default.* sysctls, from a thread inside it, before any device."""
+        """The netns's early sysctls (is_early_sysctl), from a thread inside it, before any device."""
         if self.early.get(netns):
             self.ledger.intent(self.early[netns])
             for s in self.early[netns]:
@@ -609,9 +609,13 @@ def _missing_parents(path: Path) -> list[Path]:
     return list(reversed(out))
 
 
-def is_default_sysctl(key: str) -> bool:
-    """``net.ipv4.conf.default.*`` / ``net.ipv6.conf.default.*``: what later devices start with."""
+def is_early_sysctl(key: str) -> bool:
+    """A sysctl that sets what devices made later start with, so it is written when its netns
+    is new: ``net.ipv{4,6}.conf.default.*``, and ``net.ipv4.ip_forward`` (it sets ``all`` and
+    ``default``; written late, it walks every device already there, 1000s on a node)."""
     parts = key.split(".")
+    if key == "net.ipv4.ip_forward":
+        return True
     return len(parts) == 5 and parts[0] == "net" and parts[2] == "conf" and parts[3] == "default"
 
 
