@@ -19,10 +19,10 @@ from typing import Any
 
 from netlab import istio
 from netlab.mesh.bootstrap import MeshContext
-from netlab.mesh.connlog import ConnLog, Leg
+from netlab.mesh.connlog import ConnLog, Leg, addr
 from netlab.mesh.hbone import ConnectRequest
 from netlab.mesh.registry import Workload
-from netlab.mesh.relay import RelayResult, accept_backlog
+from netlab.mesh.relay import RelayResult, TcpStream, accept_backlog, tcp_stream_from_socket
 from netlab.mesh.sockets import original_dst
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,20 @@ async def accept_loop(lsock: socket.socket, on_conn: Callable[[socket.socket], A
 
 
 ORPHAN_GRACE_S = 1.0
+
+
+async def open_redirected(sock: socket.socket, orig: tuple[str, int], component: str, listener: str,
+                          conn_log: ConnLog, **identities: str) -> tuple[Leg, TcpStream | None]:
+    """The leg of a connection a REDIRECT listener accepted, and its stream. The stream is None
+    (the socket closed, the leg logged as an error) when the socket was gone before we got it."""
+    leg = Leg(component=component, listener=listener, src=addr(sock.getpeername()), orig_dst=addr(orig),
+              local=addr(sock.getsockname()), **identities)
+    try:
+        return leg, await tcp_stream_from_socket(sock)
+    except OSError as e:
+        sock.close()
+        conn_log.write(leg.finish(f"error:{e}"))
+        return leg, None
 
 
 def finish_parked_leg(legs: dict[object, Leg], conn_log: ConnLog, req: ConnectRequest, res: RelayResult) -> None:

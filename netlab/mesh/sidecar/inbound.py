@@ -22,8 +22,8 @@ from netlab import istio
 from netlab.mesh.connlog import ConnLog, Leg, addr
 from netlab.mesh.hbone import CertPair, ConnectRequest, HboneServer
 from netlab.mesh.registry import Registry, Workload
-from netlab.mesh.relay import Endpoint, RelayResult, relay, tcp_connect, tcp_stream_from_socket
-from netlab.mesh.sidecar.base import RedirectListener, finish_parked_leg, watch_orphan
+from netlab.mesh.relay import Endpoint, RelayResult, relay, tcp_connect
+from netlab.mesh.sidecar.base import RedirectListener, open_redirected, finish_parked_leg, watch_orphan
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,9 @@ class Inbound(RedirectListener):
         self.bind_ip = bind_ip
 
     async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
-        leg = Leg(component=self.component, listener=self.listener, src=addr(sock.getpeername()),
-                  orig_dst=addr(orig), local=addr(sock.getsockname()), dst_id=self.me.identity)
-        try:
-            down = await tcp_stream_from_socket(sock)
-        except OSError as e:
-            sock.close()
-            self.conn_log.write(leg.finish(f"error:{e}"))
+        leg, down = await open_redirected(sock, orig, self.component, self.listener, self.conn_log,
+                                          dst_id=self.me.identity)
+        if down is None:
             return
         if orig[1] in PROXY_PORTS:  # Envoy's virtualInbound blackholes its own ports
             down.abort()

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from netlab import istio
-from netlab.mesh.connlog import ConnLog, Leg, addr
+from netlab.mesh.connlog import ConnLog, addr
 from netlab.mesh.hbone import TLS_HANDSHAKE_TIMEOUT_S, HboneError, baggage_header, format_authority, hbone_connect
 from netlab.mesh.registry import Registry, Workload
-from netlab.mesh.relay import Endpoint, relay, tcp_connect, tcp_stream_from_socket
-from netlab.mesh.sidecar.base import RedirectListener, TrustDomainSans
+from netlab.mesh.relay import Endpoint, relay, tcp_connect
+from netlab.mesh.sidecar.base import RedirectListener, open_redirected, TrustDomainSans
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +103,9 @@ class Outbound(RedirectListener):
 
     async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
         """Proxy one downstream connection whose original destination is ``orig``."""
-        leg = Leg(component=self.component, listener=self.listener, src=addr(sock.getpeername()),
-                  orig_dst=addr(orig), local=addr(sock.getsockname()), src_id=self.me.identity)
-        try:
-            down = await tcp_stream_from_socket(sock)
-        except OSError as e:
-            sock.close()
-            self.conn_log.write(leg.finish(f"error:{e}"))
+        leg, down = await open_redirected(sock, orig, self.component, self.listener, self.conn_log,
+                                          src_id=self.me.identity)
+        if down is None:
             return
         # Envoy's tcp_proxy reads nothing from the downstream until the upstream is connected;
         # reading on meanwhile held up to READ_HIGH per connection in this process (1000 new
