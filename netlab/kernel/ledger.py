@@ -106,6 +106,18 @@ def _append(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+_SELF_ID: tuple[int, str] | None = None
+
+
+def _self_id() -> str:
+    """``<pid> <starttime>`` of this process (read once: neither changes while it lives)."""
+    global _SELF_ID
+    pid = os.getpid()
+    if _SELF_ID is None or _SELF_ID[0] != pid:  # (a fork has another pid and starttime)
+        _SELF_ID = (pid, f"{pid} {proc_starttime(pid)}")
+    return _SELF_ID[1]
+
+
 class Ledger:
     """The writer side, held by one apply. Thread-safe: each record is one O_APPEND write."""
 
@@ -118,13 +130,15 @@ class Ledger:
     def create(cls, plan: Plan) -> "Ledger":
         """Start the ledger of a new lab; LabExistsError if the lab already has one."""
         d = lab_dir(plan.lab)
-        d.parent.mkdir(parents=True, exist_ok=True)
         try:
-            d.mkdir(mode=0o700)
+            try:
+                os.mkdir(d, 0o700)
+            except FileNotFoundError:  # the first lab: make the run directory too
+                d.parent.mkdir(parents=True, exist_ok=True)
+                os.mkdir(d, 0o700)
         except FileExistsError:
             raise LabExistsError(f"lab {plan.lab!r} already has a ledger at {d}; destroy it first") from None
-        pid = os.getpid()
-        (d / LOCK).write_text(f"{pid} {proc_starttime(pid)}\n")
+        _append(d / LOCK, f"{_self_id()}\n".encode())
         fd = os.open(d / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return cls(plan.lab, fd)
 
