@@ -14,7 +14,7 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from netlab import istio
 from netlab.plan.types import Plan, PodInfo
@@ -142,35 +142,9 @@ def _protocol(p: PodInfo) -> tuple[Protocol, bool]:
     return "TCP", False
 
 
-def _normalise_source(s: str) -> str:
-    """Istio writes principals without the scheme (``cluster.local/ns/foo/sa/sleep``)."""
-    if s == "*" or s.startswith("ns/") or s.startswith("spiffe://"):
-        return s
-    return "spiffe://" + s
-
-
-def policies_of(topo_policies: Any) -> list[Policy]:
-    """Registry policies from the topology's ``policies:`` (model.AuthorizationPolicy list)."""
-    return [Policy(name=p.name, namespace=p.namespace, action=p.action,
-                   sources=tuple(_normalise_source(s) for s in p.from_), ports=tuple(p.to_ports))
-            for p in topo_policies]
-
-
-def _plan_policies(plan: Plan) -> list[Policy]:
-    """The plan's policies. Until the plan carries them itself (``Plan.policies``), they are read
-    back from the topology file the plan was built from (``plan.source``)."""
-    carried = getattr(plan, "policies", None)
-    if carried is not None:
-        return policies_of(carried) if carried and not isinstance(carried[0], Policy) else list(carried)
-    if not plan.source or not Path(plan.source).is_file():
-        return []
-    from netlab.topology.load import load_topology
-
-    return policies_of(load_topology(plan.source).policies)
-
-
 def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Registry:
-    reg = Registry(trust_domain=trust_domain, policies=_plan_policies(plan))
+    reg = Registry(trust_domain=trust_domain,
+                   policies=[Policy(p.name, p.namespace, p.action, p.sources, p.ports) for p in plan.policies])
     waypoints = [p for p in plan.pods if p.mode == "waypoint"]
     for p in plan.pods:
         if p.mode == "ztunnel":

@@ -35,6 +35,7 @@ from netlab.plan.types import (
     NodeInfo,
     Plan,
     PodInfo,
+    PolicyInfo,
     Process,
     Route,
     ServiceInfo,
@@ -76,7 +77,17 @@ def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "user
         lab=lab, topology=topo.name, source=source, tunnel=tunnel,
         nodes=tuple(b.nodes), pods=tuple(b.pods), services=tuple(b.services),
         **{k: tuple(v) for k, v in b.objs.items()},
+        policies=tuple(PolicyInfo(p.name, p.namespace, p.action, tuple(_principal(x) for x in p.from_),
+                                  tuple(p.to_ports)) for p in topo.policies),
     )
+
+
+def _principal(source: str) -> str:
+    """Istio writes principals without the scheme (``cluster.local/ns/foo/sa/sleep``); the plan
+    carries the ``spiffe://`` form (``ns/<namespace>`` and ``*`` stay as they are)."""
+    if source == "*" or source.startswith("ns/") or source.startswith("spiffe://"):
+        return source
+    return "spiffe://" + source
 
 
 class _Builder:

@@ -79,6 +79,12 @@ def render_text(plan: Plan) -> str:
         out.append("# services")
         for s in plan.services:
             out.append(f"#   {s.namespace}/{s.name:<22} {s.vip}:{s.port} -> {s.target_port}  endpoints {', '.join(s.endpoints) or '-'}")
+    if plan.policies:
+        out.append("# policies (L4, enforced by the destination's ztunnel)")
+        for pol in plan.policies:
+            ports = ",".join(map(str, pol.ports)) or "any port"
+            out.append(f"#   {pol.namespace}/{pol.name:<22} {pol.action:<5} from {', '.join(pol.sources) or 'any source'}"
+                       f" to {ports}")
     by_ns: dict[str, list[str]] = defaultdict(list)
     host: list[str] = []
     for o in plan.objects():

@@ -238,6 +238,19 @@ class ServiceInfo:
 
 
 @dataclass(frozen=True)
+class PolicyInfo:
+    """An L4 AuthorizationPolicy as ztunnel gets it (what istiod would push): for every workload
+    of ``namespace``. ``sources``: SPIFFE IDs (``spiffe://`` form), ``ns/<namespace>`` or ``*``;
+    empty = any source, plaintext too. ``ports``: destination target ports; empty = any."""
+
+    name: str
+    namespace: str
+    action: Literal["ALLOW", "DENY"]
+    sources: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     lab: str
     topology: str  # topology name
@@ -258,6 +271,7 @@ class Plan:
     ipt_rules: tuple[IptRule, ...] = ()
     files: tuple[File, ...] = ()
     processes: tuple[Process, ...] = ()
+    policies: tuple[PolicyInfo, ...] = ()  # not kernel objects: for the mesh's registry
 
     # Apply order, following istio-cni's CreateRulesOnNode where it matters (§1.9): devices and
     # addresses first, then sysctls, ipsets, chains and rules, routes, ip rules, files, processes.
@@ -301,7 +315,7 @@ class Plan:
             "nodes": NodeInfo, "pods": PodInfo, "services": ServiceInfo, "netns": Netns, "links": Link,
             "addresses": Address, "routes": Route, "rules": Rule, "sysctls": Sysctl, "ipsets": IpSet,
             "ipset_entries": IpSetEntry, "ipt_chains": IptChain, "ipt_rules": IptRule, "files": File,
-            "processes": Process,
+            "processes": Process, "policies": PolicyInfo,
         }
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):

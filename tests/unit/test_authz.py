@@ -91,6 +91,26 @@ policies:
     assert isinstance(for_registry(reg), PolicyAuthorizer)
 
 
+def test_the_plan_carries_the_policies_through_plan_json(tmp_path: Path) -> None:
+    """The registry takes policies from the plan (as saved in plan.json), not from the topology
+    file, which may have changed or gone since ``netlab up``."""
+    import json
+
+    from netlab.kernel.ledger import plan_json
+    from netlab.plan.types import Plan
+
+    f = tmp_path / "a2a-pol.yaml"
+    f.write_text((topologies_dir() / "ambient-to-ambient.yaml").read_text() + """\
+policies:
+  - {name: deny-foo, namespace: bar, action: DENY, from: ["cluster.local/ns/foo/sa/sleep"], to_ports: [80]}
+""")
+    plan = build_plan(load_topology(f), source=str(f))
+    f.unlink()
+    saved = Plan.from_dict(json.loads(plan_json(plan)))
+    assert saved == plan
+    assert build_registry(saved).policies == [P("deny-foo", "DENY", (SLEEP,), (80,))]
+
+
 @pytest.mark.parametrize("bad, needle", [
     ("[{name: x, namespace: nope, action: DENY}]", "namespace 'nope' is not defined"),
     ("[{name: x, namespace: bar, action: REJECT}]", "policies[0].action"),
