@@ -106,3 +106,21 @@ def test_trace_s2_and_s3_print_the_seed_hops_and_exit_0() -> None:
                  "print(r.matched, sorted(m for m in sys.modules if m.split('.')[0] == 'scapy'))")
         p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
         assert p.stdout.split() == ["True", "[]"], p.stdout + p.stderr
+
+
+def test_coexistence_every_pairing_matches_its_hop_contract() -> None:
+    """One lab with every client kind (ambient, sidecar, plain) against every server kind (sidecar,
+    ambient, ambient behind a waypoint): each request follows its contract's hops, end to end."""
+    from netlab.topology.load import load_topology
+
+    paths = load_topology("coexistence").paths
+    assert len(paths) == 8 and all(p.hops for p in paths)
+    with lab_up("coexistence", "ht-coex") as lab:
+        failures = []
+        for path in paths:
+            res = trace(lab, path.from_, path.to)
+            if res.contract is None or res.contract.name != path.name or not res.matched or res.status != 200:
+                failures.append(f"{path.name}: status {res.status}, contract "
+                                f"{res.contract.name if res.contract else None}, matched {res.matched}: "
+                                f"{res.divergence or res.error}\n{res.render()}")
+        assert not failures, "\n\n".join(failures)
