@@ -27,12 +27,14 @@ from netlab.errors import TopologyError
 from netlab.plan import ambient, sidecar
 from netlab.plan.types import (
     Address,
+    HopInfo,
     File,
     IptChain,
     IptRule,
     Link,
     Netns,
     NodeInfo,
+    PathInfo,
     Plan,
     PodInfo,
     PolicyInfo,
@@ -79,6 +81,9 @@ def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "user
         **{k: tuple(v) for k, v in b.objs.items()},
         policies=tuple(PolicyInfo(p.name, p.namespace, p.action, tuple(_principal(x) for x in p.from_),
                                   tuple(p.to_ports)) for p in topo.policies),
+        paths=tuple(PathInfo(p.name, p.from_, p.to, p.url, p.expect_status, p.expect_body, p.source_seen,
+                             tuple(HopInfo(h.n, h.at, h.iface, h.dir, h.port, h.listener, tuple(h.rules), h.table, h.what)
+                                   for h in p.hops)) for p in topo.paths),
     )
 
 

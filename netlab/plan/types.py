@@ -251,6 +251,36 @@ class PolicyInfo:
 
 
 @dataclass(frozen=True)
+class HopInfo:
+    """One expected hop of a request path (the topology's ``paths[].hops[]``; see
+    ``netlab.topology.model.Hop`` for what each field means)."""
+
+    n: str
+    at: str
+    iface: str | None = None
+    dir: str | None = None
+    port: int | None = None
+    listener: str | None = None
+    rules: tuple[str, ...] = ()
+    table: int | None = None
+    what: str = ""
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """A request the topology exists to show, with its hop contract (checked by ``netlab trace``)."""
+
+    name: str
+    from_: str
+    to: str
+    url: str = "/"
+    expect_status: int = 200
+    expect_body: str | None = None
+    source_seen: str = "client"
+    hops: tuple[HopInfo, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     lab: str
     topology: str  # topology name
@@ -272,6 +302,7 @@ class Plan:
     files: tuple[File, ...] = ()
     processes: tuple[Process, ...] = ()
     policies: tuple[PolicyInfo, ...] = ()  # not kernel objects: for the mesh's registry
+    paths: tuple[PathInfo, ...] = ()  # not kernel objects: the hop contracts, for verify
 
     # Apply order, following istio-cni's CreateRulesOnNode where it matters (§1.9): devices and
     # addresses first, then sysctls, ipsets, chains and rules, routes, ip rules, files, processes.
@@ -320,7 +351,10 @@ class Plan:
         kw: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             v = d.get(f.name)
-            if f.name in types:
+            if f.name == "paths":
+                kw[f.name] = tuple(dataclasses.replace(_build(PathInfo, x), hops=tuple(_build(HopInfo, h) for h in x.get("hops", ())))
+                                   for x in (v or ()))
+            elif f.name in types:
                 kw[f.name] = tuple(_build(types[f.name], x) for x in (v or ()))
             elif v is not None:
                 kw[f.name] = v

@@ -94,17 +94,11 @@ def _resolve_hop(plan: Any, lab: Any, at: str, iface: str) -> Target | None:
 
 def hop_targets(lab: Any, path_name: str) -> list[Target]:
     """Interfaces of the hop contract of one path (``""``: all paths of the lab's topology)."""
-    from netlab.topology.load import load_topology
-
     plan = lab.plan
-    try:
-        topo = load_topology(plan.source)
-    except NetlabError as e:
-        raise UsageError(f"--hops: cannot read the lab's topology {plan.source}: {e}") from None
-    paths = [p for p in topo.paths if not path_name or p.name == path_name]
+    paths = [p for p in plan.paths if not path_name or p.name == path_name]
     if not paths:
-        have = ", ".join(p.name for p in topo.paths) or "none"
-        raise UsageError(f"--hops {path_name or ''}: topology {topo.name!r} has no such path (paths: {have}); "
+        have = ", ".join(p.name for p in plan.paths) or "none"
+        raise UsageError(f"--hops {path_name or ''}: topology {plan.topology!r} has no such path (paths: {have}); "
                          "use --iface NETNS:IFACE")
     out: list[Target] = []
     for path in paths:

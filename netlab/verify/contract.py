@@ -12,9 +12,11 @@ Pure code (no root, no kernel): unit-tested in ``tests/unit/test_contract.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from netlab.plan.types import Plan
 from netlab.topology.model import Hop, RequestPath
 from netlab.verify.hops import ObservedHop
 
@@ -122,6 +124,16 @@ def _diverge(h: Hop, rest: Sequence[ObservedHop]) -> Divergence:
     else:
         best = (same_kind or same_at or list(rest))[0]
     return Divergence(h, best, mismatch(h, best) or "out of order")
+
+
+def plan_contracts(plan: Plan) -> list[RequestPath]:
+    """The request paths (hop contracts) as the plan carries them, so a trace checks what the lab
+    was brought up with even if its topology file changed or moved since."""
+    return [RequestPath.model_validate({
+        "name": p.name, "from": p.from_, "to": p.to, "url": p.url, "expect_status": p.expect_status,
+        "expect_body": p.expect_body, "source_seen": p.source_seen,
+        "hops": [{k: v for k, v in dataclasses.asdict(h).items() if v is not None} for h in p.hops],
+    }) for p in plan.paths]
 
 
 def find_contract(paths: Sequence[RequestPath], *, name: str | None, src: str, dst: str) -> RequestPath | None:

@@ -66,7 +66,7 @@ from netlab.kernel.ns import in_netns
 from netlab.plan.types import Plan, PodInfo
 from netlab.topology.model import RequestPath
 from netlab.verify import iptsim
-from netlab.verify.contract import Divergence, describe, find_contract, match
+from netlab.verify.contract import Divergence, describe, find_contract, match, plan_contracts
 from netlab.verify.hops import Geography, ObservedHop, Seg, parse_frame
 from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture
 
@@ -353,16 +353,8 @@ def _snapshot(plan: Plan, namespaces: list[str], pool: ThreadPoolExecutor) -> tu
 def _contract_for(plan: Plan, contract: str | RequestPath | None, src: str, dst: str) -> RequestPath | None:
     if isinstance(contract, RequestPath):
         return contract
-    from netlab.topology.load import load_topology
-
     try:
-        paths = load_topology(Path(plan.source)).paths
-    except Exception as e:  # noqa: BLE001 - the topology file moved: trace still works, unchecked
-        if contract is not None:
-            raise UsageError(f"--contract {contract}: cannot read the lab's topology {plan.source} ({e})") from None
-        return None
-    try:
-        return find_contract(paths, name=contract, src=src, dst=dst)
+        return find_contract(plan_contracts(plan), name=contract, src=src, dst=dst)
     except KeyError as e:
         raise UsageError(f"--contract: {e.args[0]}") from None
 

@@ -153,3 +153,27 @@ def test_parse_frame_decodes_geneve_inner_syn() -> None:
     assert seg.encap == {"type": "geneve", "vni": 1001, "outer_src": "10.0.1.1", "outer_dst": "10.0.1.2"}
     synack = parse_frame(bytes(Ether() / IP() / TCP(flags="SA")))
     assert synack is not None and not synack.is_syn
+
+
+def test_the_plan_carries_the_hop_contracts_through_plan_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """trace and capture --hops take the contracts from the plan (as saved in plan.json), not
+    from the topology file, which may have changed or gone since ``netlab up``."""
+    import json
+    import shutil
+
+    from netlab.kernel.ledger import plan_json
+    from netlab.plan.build import build_plan
+    from netlab.plan.types import Plan
+    from netlab.topology.load import load_topology, topologies_dir
+    from netlab.verify.contract import find_contract, plan_contracts
+
+    f = tmp_path / "s.yaml"
+    shutil.copy(topologies_dir() / "sidecar-to-ambient.yaml", f)
+    topo = load_topology(f)
+    plan = build_plan(topo, source=str(f))
+    f.unlink()
+    saved = Plan.from_dict(json.loads(plan_json(plan)))
+    assert saved == plan and [p.name for p in saved.paths] == ["S2", "S3"]
+    assert plan_contracts(saved) == list(topo.paths)
+    s3 = find_contract(plan_contracts(saved), name=None, src="foo/sleep", dst="helloworld.bar-2:5000")
+    assert s3 is not None and s3.name == "S3" and [h.n for h in s3.hops][4:8] == ["w1", "w2", "w3", "w4"]
