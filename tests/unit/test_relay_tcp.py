@@ -71,6 +71,23 @@ async def _server(handler) -> tuple[asyncio.AbstractServer, tuple[str, int]]:
     return srv, srv.sockets[0].getsockname()
 
 
+async def _through_proxy(handler, send: bytes, pull_first: int = 0) -> tuple[Proxy, bytes]:
+    """client -> Proxy -> server(``handler``): send ``send`` and a FIN, read the reply to its end."""
+    srv, addr = await _server(handler)
+    px = Proxy(addr, pull_first=pull_first)
+    paddr = await px.start()
+    r, w = await asyncio.open_connection(*paddr)
+    w.write(send)
+    await w.drain()
+    w.write_eof()
+    back = await asyncio.wait_for(r.read(), 20)
+    w.close()
+    await asyncio.wait_for(px.done.wait(), 20)
+    px.close()
+    srv.close()
+    return px, back
+
+
 @pytest.mark.parametrize("kind", LOOPS)
 def test_counts_and_half_close_both_ways(kind: str) -> None:
     up_payload = bytes(range(256)) * 4096 + b"tail"  # ~1 MiB client -> server
@@ -85,18 +102,7 @@ def test_counts_and_half_close_both_ways(kind: str) -> None:
             await w.drain()
             w.close()
 
-        srv, addr = await _server(handler)
-        px = Proxy(addr)
-        paddr = await px.start()
-        r, w = await asyncio.open_connection(*paddr)
-        w.write(up_payload)
-        await w.drain()
-        w.write_eof()
-        back = await asyncio.wait_for(r.read(), 10)
-        w.close()
-        await asyncio.wait_for(px.done.wait(), 10)
-        px.close()
-        srv.close()
+        px, back = await _through_proxy(handler, up_payload)
         assert got["up"] == up_payload
         assert back == down_payload
         assert px.direct_seen == [True, True], "the TCP -> TCP relay did not run direct"
@@ -114,18 +120,7 @@ def test_bytes_pulled_before_the_relay_are_not_counted(kind: str) -> None:
             await w.drain()
             w.close()
 
-        srv, addr = await _server(handler)
-        px = Proxy(addr, pull_first=10)
-        paddr = await px.start()
-        r, w = await asyncio.open_connection(*paddr)
-        w.write(b"H" * 10 + b"x" * 5000)
-        await w.drain()
-        w.write_eof()
-        back = await asyncio.wait_for(r.read(), 10)
-        w.close()
-        await asyncio.wait_for(px.done.wait(), 10)
-        px.close()
-        srv.close()
+        px, back = await _through_proxy(handler, b"H" * 10 + b"x" * 5000, pull_first=10)
         assert px.pulled == b"H" * 10
         assert back == b"ok:5000"
         assert px.results == [RelayResult(5000, 7, OUTCOME_OK)]
@@ -212,20 +207,8 @@ def test_slow_reader_pauses_the_fast_writer(kind: str) -> None:
             got["n"] = n
             w.close()
 
-        srv, addr = await _server(handler)
-        px = Proxy(addr)
-        paddr = await px.start()
-        r, w = await asyncio.open_connection(*paddr)
-        block = b"b" * (1 << 20)
-        for _ in range(total >> 20):
-            w.write(block)
-            await w.drain()
-        w.write_eof()
-        assert await asyncio.wait_for(r.read(), 20) == b""
-        w.close()
-        await asyncio.wait_for(px.done.wait(), 20)
-        px.close()
-        srv.close()
+        px, back = await _through_proxy(handler, b"b" * total)
+        assert back == b""
         assert got["n"] == total
         assert px.results == [RelayResult(total, 0, OUTCOME_OK)]
 
