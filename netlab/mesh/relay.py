@@ -500,8 +500,14 @@ class TcpStream(Endpoint):
         sock = t.get_extra_info("socket")
         if sock is None or sock.fileno() < 0:
             return False
-        self._ksock = socket.socket(sock.family, socket.SOCK_STREAM, 0, os.dup(sock.fileno()))
-        self._k0 = _app_bytes_read(self._ksock, self.eof_received) - self.bytes_received
+        try:
+            self._ksock = socket.socket(sock.family, socket.SOCK_STREAM, 0, os.dup(sock.fileno()))
+            self._k0 = _app_bytes_read(self._ksock, self.eof_received) - self.bytes_received
+        except OSError:  # out of fds (EMFILE), or the socket just went: relay it the Python way
+            if self._ksock is not None:
+                self._ksock.close()
+                self._ksock = None
+            return False
         self.protocol.data_received = st.write  # type: ignore[method-assign]
         t.set_protocol(self.protocol)
         return True

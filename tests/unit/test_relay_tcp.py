@@ -213,3 +213,30 @@ def test_slow_reader_pauses_the_fast_writer(kind: str) -> None:
         assert px.results == [RelayResult(total, 0, OUTCOME_OK)]
 
     run(kind, main())
+
+
+def test_out_of_fds_the_relay_runs_the_python_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fd for the dup (EMFILE): the relay does not fail, it forwards through Python, counts alike."""
+    import errno
+    import os
+
+    from netlab.mesh import relay as relay_mod
+
+    def no_fd(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(relay_mod.os, "dup", no_fd)
+
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            data = await r.read()
+            w.write(data[::-1])
+            await w.drain()
+            w.close()
+
+        px, back = await _through_proxy(handler, b"0123456789" * 1000)
+        assert back == (b"0123456789" * 1000)[::-1]
+        assert px.direct_seen == [False, False]
+        assert px.results == [RelayResult(10000, 10000, OUTCOME_OK)]
+
+    run("asyncio", main())
