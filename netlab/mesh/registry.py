@@ -18,6 +18,7 @@ from typing import Literal
 
 from netlab import istio
 from netlab.plan.types import Plan, PodInfo
+from netlab.plan.types import PolicyInfo as Policy  # the plan's policies are what istiod would push
 
 Protocol = Literal["HBONE", "TCP"]
 
@@ -49,19 +50,6 @@ class ServiceEntry:
     port: int
     target_port: int
     endpoints: tuple[str, ...]  # endpoint pod IPs
-
-
-@dataclass(frozen=True)
-class Policy:
-    """An L4 AuthorizationPolicy for every workload of ``namespace`` (topology ``policies:``).
-    ``sources``: SPIFFE IDs (``spiffe://`` form), ``ns/<namespace>`` or ``*``; empty = any source.
-    ``ports``: destination target ports; empty = any port."""
-
-    name: str
-    namespace: str
-    action: Literal["ALLOW", "DENY"]
-    sources: tuple[str, ...] = ()
-    ports: tuple[int, ...] = ()
 
 
 @dataclass
@@ -144,7 +132,7 @@ def _protocol(p: PodInfo) -> tuple[Protocol, bool]:
 
 def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Registry:
     reg = Registry(trust_domain=trust_domain,
-                   policies=[Policy(p.name, p.namespace, p.action, p.sources, p.ports) for p in plan.policies])
+                   policies=list(plan.policies))
     waypoints = [p for p in plan.pods if p.mode == "waypoint"]
     for p in plan.pods:
         if p.mode == "ztunnel":
