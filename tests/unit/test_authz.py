@@ -109,6 +109,8 @@ policies:
     saved = Plan.from_dict(json.loads(plan_json(plan)))
     assert saved == plan
     assert build_registry(saved).policies == [P("deny-foo", "DENY", (SLEEP,), (80,))]
+    from netlab.plan.render import render_text
+    assert f"bar/deny-foo               DENY  from {SLEEP} to 80" in render_text(saved)
 
 
 @pytest.mark.parametrize("bad, needle", [
