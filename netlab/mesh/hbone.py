@@ -63,6 +63,7 @@ from netlab.istio import (
     TRUST_DOMAIN,
 )
 from netlab.mesh import _h2fast
+from netlab.mesh.sockets import LISTEN_BACKLOG
 from netlab.mesh.relay import (
     WRITE_HIGH,
     WRITE_LOW,
@@ -928,7 +929,8 @@ class HboneServer:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     async def start(
-        self, sock: socket.socket | None = None, host: str = "0.0.0.0", port: int = HBONE_PORT, backlog: int = 1024
+        self, sock: socket.socket | None = None, host: str = "0.0.0.0", port: int = HBONE_PORT,
+        backlog: int = LISTEN_BACKLOG,
     ) -> HboneServer:
         """Listen on ``sock`` (already bound+listening is fine, e.g. IP_TRANSPARENT) or host:port."""
         if sock is None:

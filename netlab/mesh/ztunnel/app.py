@@ -85,7 +85,9 @@ async def start(cfg: ZtunnelConfig, ctx: MeshContext, *, authz: Authorizer | Non
         for port, handler in ((cfg.outbound_port, outbound.handle),
                               (cfg.inbound_plaintext_port, inbound_passthrough.handle)):
             lsock = sockets.listener(cfg.bind, port, transparent=cfg.transparent)
-            zt.servers.append(await loop.create_server(accept_factory(pi, handler), sock=lsock))
+            # create_server listens again on a given socket, with its own backlog (100 by default)
+            zt.servers.append(await loop.create_server(accept_factory(pi, handler), sock=lsock,
+                                                       backlog=sockets.LISTEN_BACKLOG))
         zt.inbound = Inbound(pi)
         await zt.inbound.server.start(sockets.listener(cfg.bind, cfg.inbound_port, transparent=cfg.transparent))
         zt.servers.append(await readiness.start(cfg.bind, cfg.readiness_port))
