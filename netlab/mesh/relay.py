@@ -21,8 +21,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import fcntl
+import os
 import socket
 import struct
+import termios
 from dataclasses import dataclass
 from typing import Any
 
@@ -440,18 +443,8 @@ class _TcpProtocol(asyncio.Protocol):
         self.ep._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        ep = self.ep
-        sink = ep._sink
-        # TCP -> TCP relay (ztunnel's inbound plaintext, sidecar legs): straight into the other
-        # socket, skipping four Python calls that do nothing for this case (Endpoint.write's
-        # checks are the two tested here; TCP has no flow-control credit to return)
-        if type(sink) is TcpStream and sink.reset_exc is None and not sink.eof_sent and sink._transport is not None:
-            n = len(data)
-            ep.bytes_received += n
-            sink.bytes_sent += n
-            sink._transport.write(data)
-            return
-        ep._on_data(data)
+        # (a TCP -> TCP relay replaces this method by the other socket's write: TcpStream._go_direct)
+        self.ep._on_data(data)
 
     def eof_received(self) -> bool:
         self.ep._on_eof()
@@ -459,6 +452,7 @@ class _TcpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         ep = self.ep
+        ep._leave_direct()  # the kernel's final count, before the socket is really gone
         ep._on_closed(exc)
         # the transport has let go of us; TcpStream.protocol <-> self.ep would otherwise be a
         # cycle that keeps the endpoint (and what it buffered) until the cyclic GC runs
@@ -478,6 +472,60 @@ class TcpStream(Endpoint):
         super().__init__()
         self._transport: asyncio.Transport | None = None
         self.protocol = _TcpProtocol(self)
+        self._ksock: socket.socket | None = None  # direct relay: our own reference to the socket
+        self._k0 = 0
+
+    # ---- direct relay: TCP -> TCP with no Python code per chunk ----------------------------------
+    def _go_direct(self, sink: "TcpStream") -> bool:
+        """Hand every chunk this socket receives straight to ``sink``'s transport ``write``.
+
+        Why: in a TCP -> TCP relay (ztunnel inbound plaintext, sidecar legs) the only Python
+        left per chunk was ``data_received`` itself, about half of the proxy's user-space time
+        (perf, 64-byte echo at 50 connections; without it ztunnel's CPU per request went from
+        24.6 to 23.6 us, haproxy's is 23.4-25.5). With the protocol's ``data_received`` set to the other transport's
+        (C-level) ``write`` and the transport told again (``set_protocol``: uvloop caches the
+        method), no Python frame runs per chunk. EOF, reset, pause/resume still go through the
+        protocol's other methods, so half-close, reset propagation and back-pressure are as before.
+
+        The byte count then comes from the kernel (TCP_INFO ``bytes_received`` less what is
+        still unread and the FIN), read through a ``dup`` of the socket so that it can still be
+        read after the transport has closed its own fd (a reset by the peer); the dup is
+        closed in ``connection_lost``, so the socket really goes (FIN or RST) at that point,
+        one loop iteration after the transport let go of it. ``sink.bytes_sent`` is not kept
+        up to date in this mode (nothing reads it: a relay reports what each side received).
+        """
+        t, st = self._transport, sink._transport
+        if t is None or st is None or t.is_closing() or st.is_closing() or self._ksock is not None:
+            return False
+        sock = t.get_extra_info("socket")
+        if sock is None or sock.fileno() < 0:
+            return False
+        try:
+            self._ksock = socket.socket(sock.family, socket.SOCK_STREAM, 0, os.dup(sock.fileno()))
+            self._k0 = _app_bytes_read(self._ksock, self.eof_received) - self.bytes_received
+        except OSError:  # out of fds (EMFILE), or the socket just went: relay it the Python way
+            if self._ksock is not None:
+                self._ksock.close()
+                self._ksock = None
+            return False
+        self.protocol.data_received = st.write  # type: ignore[method-assign]
+        t.set_protocol(self.protocol)
+        return True
+
+    def _sync_direct(self) -> None:
+        """``bytes_received`` from the kernel's count (direct mode only)."""
+        if self._ksock is not None:
+            try:
+                self.bytes_received = _app_bytes_read(self._ksock, self.eof_received) - self._k0
+            except OSError:
+                pass
+
+    def _leave_direct(self) -> None:
+        if self._ksock is not None:
+            self._sync_direct()
+            self._ksock.close()
+            self._ksock = None
+            self.protocol.__dict__.pop("data_received", None)
 
     @property
     def sock(self) -> Any:
@@ -500,6 +548,7 @@ class TcpStream(Endpoint):
             self._transport.write_eof()
 
     def _t_abort(self) -> None:
+        self._sync_direct()
         if self._transport is not None:
             set_linger_zero(self._transport.get_extra_info("socket"))
             self._transport.abort()
@@ -521,6 +570,24 @@ class TcpStream(Endpoint):
         # both halves closed cleanly: release the socket (asyncio flushes the buffer first)
         if self.eof_received and self.eof_sent and self._transport is not None:
             self._transport.close()
+
+
+_TCP_INFO_LEN = 136  # through tcpi_bytes_received (Linux >= 4.1)
+_FIN_RECEIVED_STATES = (6, 8, 9, 11)  # TIME_WAIT, CLOSE_WAIT, LAST_ACK, CLOSING
+
+
+def _app_bytes_read(sock: socket.socket, eof_seen: bool) -> int:
+    """Bytes of payload the kernel has handed to the application on TCP socket ``sock``.
+
+    ``tcpi_bytes_received`` counts sequence space up to ``rcv_nxt``: payload and, once it
+    arrived, the FIN (1). Less what still sits unread (SIOCINQ, which leaves the FIN out) and
+    the FIN, that is what ``read`` has returned so far.
+    """
+    raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    inq = struct.unpack("=i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    (received,) = struct.unpack_from("=Q", raw, 128)
+    fin = 1 if eof_seen or raw[0] in _FIN_RECEIVED_STATES else 0
+    return received - inq - fin
 
 
 def _configure(sock: socket.socket) -> None:
@@ -651,6 +718,9 @@ async def relay(downstream: Endpoint, upstream: Endpoint) -> RelayResult:
     down0 = upstream.bytes_received - upstream._buffered
     downstream._attach(upstream)
     upstream._attach(downstream)
+    if type(downstream) is TcpStream and type(upstream) is TcpStream:
+        if downstream._go_direct(upstream):
+            upstream._go_direct(downstream)
     try:
         pending = {downstream.done, upstream.done}
         while pending:
@@ -674,6 +744,9 @@ async def relay(downstream: Endpoint, upstream: Endpoint) -> RelayResult:
         upstream.abort()
     else:
         outcome = OUTCOME_OK
+    for ep in (downstream, upstream):
+        if type(ep) is TcpStream:
+            ep._sync_direct()
     downstream.close()
     upstream.close()
     _unlink(downstream, upstream)

@@ -1,8 +1,8 @@
 """TCP -> TCP relay on loopback (no root): byte counts, half-close, resets, back-pressure.
 
-Checked with the standard asyncio loop and with uvloop: the counts a relay reports (they go in
-the proxies' connection logs), that a FIN is passed on as a FIN and a reset as a reset, and that
-a slow reader pauses a fast writer instead of the relay buffering without bound.
+A TCP -> TCP relay runs "direct" (no Python per chunk; counts from the kernel's TCP_INFO), so
+these tests check that the counts, the half-close and the reset propagation are exactly what
+the per-chunk Python path gave, with the standard asyncio loop and with uvloop.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from netlab.mesh.relay import (OUTCOME_DOWNSTREAM_RESET, OUTCOME_OK, OUTCOME_UPSTREAM_RESET, RelayResult,
+from netlab.mesh.relay import (OUTCOME_DOWNSTREAM_RESET, OUTCOME_OK, OUTCOME_UPSTREAM_RESET, RelayResult, TcpStream,
                                relay, set_linger_zero, tcp_connect, tcp_stream_from_socket)
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
@@ -34,6 +34,7 @@ class Proxy:
         self.pull_first = pull_first
         self.results: list[RelayResult] = []
         self.pulled = b""
+        self.direct_seen: list[bool] = []
         self.done = asyncio.Event()
 
     async def start(self) -> tuple[str, int]:
@@ -51,8 +52,14 @@ class Proxy:
         if self.pull_first:
             self.pulled = await down.readexactly(self.pull_first)
         up = await tcp_connect(self.upstream)
+        watch = asyncio.ensure_future(self._watch_direct(down, up))
         self.results.append(await relay(down, up))
+        watch.cancel()
         self.done.set()
+
+    async def _watch_direct(self, *eps: TcpStream) -> None:
+        await asyncio.sleep(0)
+        self.direct_seen = ["data_received" in ep.protocol.__dict__ for ep in eps]
 
     def close(self) -> None:
         self.task.cancel()
@@ -98,6 +105,7 @@ def test_counts_and_half_close_both_ways(kind: str) -> None:
         px, back = await _through_proxy(handler, up_payload)
         assert got["up"] == up_payload
         assert back == down_payload
+        assert px.direct_seen == [True, True], "the TCP -> TCP relay did not run direct"
         assert px.results == [RelayResult(len(up_payload), len(down_payload), OUTCOME_OK)]
 
     run(kind, main())
@@ -185,7 +193,7 @@ def test_client_reset_resets_upstream_and_is_counted(kind: str) -> None:
 
 @pytest.mark.parametrize("kind", LOOPS)
 def test_slow_reader_pauses_the_fast_writer(kind: str) -> None:
-    """Back-pressure: a 24 MiB push to a reader that starts late arrives whole."""
+    """Back-pressure still works direct: a 24 MiB push to a reader that starts late arrives whole."""
     total = 24 << 20
 
     async def main() -> None:
@@ -205,3 +213,30 @@ def test_slow_reader_pauses_the_fast_writer(kind: str) -> None:
         assert px.results == [RelayResult(total, 0, OUTCOME_OK)]
 
     run(kind, main())
+
+
+def test_out_of_fds_the_relay_runs_the_python_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fd for the dup (EMFILE): the relay does not fail, it forwards through Python, counts alike."""
+    import errno
+    import os
+
+    from netlab.mesh import relay as relay_mod
+
+    def no_fd(fd: int) -> int:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(relay_mod.os, "dup", no_fd)
+
+    async def main() -> None:
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            data = await r.read()
+            w.write(data[::-1])
+            await w.drain()
+            w.close()
+
+        px, back = await _through_proxy(handler, b"0123456789" * 1000)
+        assert back == (b"0123456789" * 1000)[::-1]
+        assert px.direct_seen == [False, False]
+        assert px.results == [RelayResult(10000, 10000, OUTCOME_OK)]
+
+    run("asyncio", main())

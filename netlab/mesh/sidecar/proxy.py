@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pod", required=True, help="<namespace>/<name>")
     a = p.parse_args(argv)
     setup_logging(f"sidecar[{a.pod}]")
-    raise_nofile()  # two sockets per proxied connection; the soak holds 1000 at once
+    raise_nofile()  # two sockets per proxied connection (and a dup of each while a TCP relay runs)
     install_fast_loop()
     asyncio.run(_run(a.lab, a.pod))
     return 0

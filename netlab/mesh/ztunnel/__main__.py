@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if own_ip is None:
         p.error(f"no ztunnel for node {args.node!r} in the registry (nodes: {sorted(ctx.registry.ztunnels)})")
     cfg = ZtunnelConfig(lab=args.lab, node=args.node, own_ip=own_ip, transparent=not args.no_transparent)
-    raise_nofile()  # two sockets per proxied connection, more for HBONE
+    raise_nofile()  # two sockets per proxied connection (a dup of each while a TCP relay runs), more for HBONE
     install_fast_loop()
     asyncio.run(run(cfg, ctx))
     return 0
