@@ -636,6 +636,9 @@ def _write_sysctl(s: Sysctl) -> None:
     try:
         with open(sysctl_path(s.key_name), "w") as f:
             f.write(s.value)
+    except FileNotFoundError as e:
+        if not s.optional:
+            raise _ObjError(s, e) from e
     except OSError as e:
         raise _ObjError(s, e) from e
 

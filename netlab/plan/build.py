@@ -138,6 +138,11 @@ class _Builder:
             raise TopologyError(f"lab name {self.lab!r} is longer than 40 characters")
         self.fabric = self.netns("fabric", "fabric", "fabric")
         self.add([Link(netns=self.fabric, name=FABRIC_BRIDGE, kind="bridge", mac=mac_for(self.lab, "br0"))])
+        # The fabric is the wire between nodes, a plain switch. Where br_netfilter is loaded (Docker
+        # and kubeadm hosts load it), every netns's bridges hand bridged frames to that netns's
+        # iptables by default: per-netns knobs since Linux 5.3, off here; absent without the module.
+        self.add([Sysctl(netns=self.fabric, key_name=f"net.bridge.bridge-nf-call-{t}", value="0", optional=True)
+                  for t in ("iptables", "ip6tables", "arptables")])
         self._nodes()
         self._pods()
         self._services()

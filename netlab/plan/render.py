@@ -47,7 +47,7 @@ def render_object(o: object) -> str:
         s += f" goto {o.goto}" if o.goto is not None else f" lookup {o.table}"
         return s
     if isinstance(o, Sysctl):
-        return f"sysctl -w {o.key_name}={o.value}"
+        return f"sysctl -w {o.key_name}={o.value}" + ("  (if the kernel has it)" if o.optional else "")
     if isinstance(o, IpSet):
         return f"ipset create {o.name} {o.type}" + (" comment" if o.comment else "")
     if isinstance(o, IpSetEntry):

@@ -102,6 +102,9 @@ class Sysctl:
     netns: str
     key_name: str  # e.g. "net.ipv4.conf.all.rp_filter"
     value: str
+    #: written only if the kernel has it: a knob that exists only while a module is loaded
+    #: (br_netfilter's), where "absent" already means what the plan wants
+    optional: bool = False
 
     @property
     def key(self) -> str:

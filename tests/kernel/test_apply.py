@@ -22,7 +22,7 @@ from netlab.kernel import ledger, ns, sample
 from netlab.kernel.apply import ApplyError, apply, describe, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
 from netlab.kernel.ipt import IptSpecError, parse_spec
-from netlab.plan.types import IptRule, Route
+from netlab.plan.types import IptRule, Route, Sysctl
 
 kernel = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 REPO = Path(__file__).resolve().parents[2]
@@ -197,6 +197,26 @@ def test_failed_route_rolls_back_everything(netlab_run_dir):
     assert lingering("hk-f-") == []
     assert not (netlab_run_dir / "hk-f").exists()
     assert not Path("/etc/netns/hk-f-n1-p0").exists()
+
+
+@pytest.mark.kernel
+@kernel
+def test_missing_sysctl_fails_unless_optional(netlab_run_dir):
+    """A sysctl the kernel does not have is an error naming it; marked optional (a module's knob,
+    like br_netfilter's), it is skipped."""
+    base = sample.build("hk-o", nodes=1, pods_per_node=1)
+    ghost = "net.ipv4.conf.all.netlab_no_such_knob"
+    try:
+        apply(dataclasses.replace(base, sysctls=base.sysctls + (Sysctl("hk-o-node-1", ghost, "0", optional=True),)))
+    finally:
+        destroy("hk-o", force=True)
+    try:
+        with pytest.raises(ApplyError) as ei:
+            apply(dataclasses.replace(base, sysctls=base.sysctls + (Sysctl("hk-o-node-1", ghost, "0"),)))
+    finally:
+        destroy("hk-o", force=True)
+    assert ghost in str(ei.value) and "No such file" in str(ei.value)
+    assert lingering("hk-o-") == []
 
 
 @pytest.mark.kernel
