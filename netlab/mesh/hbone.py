@@ -63,7 +63,6 @@ from netlab.istio import (
     TRUST_DOMAIN,
 )
 from netlab.mesh import _h2fast
-from netlab.mesh.sockets import LISTEN_BACKLOG
 from netlab.mesh.relay import (
     WRITE_HIGH,
     WRITE_LOW,
@@ -76,6 +75,7 @@ from netlab.mesh.relay import (
     relay,
     set_linger_zero,
 )
+from netlab.mesh.sockets import LISTEN_BACKLOG
 
 __all__ = [
     "HboneError",
