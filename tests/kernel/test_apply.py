@@ -128,7 +128,7 @@ def test_apply_small_lab(lab):
     import iptc
 
     assert not iptc.Table._cache, "python-iptables' shared Table cache was used"
-    assert {s for s, _, _ in stages} == {"netns", "pods", "configure", "files"}
+    assert {s for s, _, _ in stages} == {"pods", "configure", "files"}
     assert stages[-1][1] == stages[-1][2] and any(s == "pods" and d == n and n > 0 for s, d, n in stages)
     assert lingering("hk-t-") == sorted(n.name for n in plan.netns)
     assert lab_is_up("hk-t") and "hk-t" in list_labs()
