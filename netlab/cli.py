@@ -32,7 +32,7 @@ def _progress_printer(quiet: bool) -> Any:
     if quiet:
         return None
     tty = sys.stderr.isatty()
-    state = {"last": "", "t0": time.monotonic()}
+    finished: set[str] = set()  # not a terminal (a log): one line per stage, when it completes
 
     def show(stage: str, done: int, total: int) -> None:
         line = f"  {stage:<16} {done}/{total}"
@@ -40,9 +40,9 @@ def _progress_printer(quiet: bool) -> Any:
             sys.stderr.write("\r" + line.ljust(40))
             if done == total:
                 sys.stderr.write("\n")
-        elif done == total and state["last"] != stage:
+        elif done == total and stage not in finished:
+            finished.add(stage)
             sys.stderr.write(line + "\n")
-        state["last"] = stage
         sys.stderr.flush()
 
     return show

@@ -256,7 +256,8 @@ class _Applier:
         def count(n: str) -> int:
             return sum(len(v) for v in work[n].values()) if n in work else 0
 
-        with ThreadPoolExecutor(self.workers, thread_name_prefix=f"apply-{p.lab}") as pool:
+        # (at least 2: the pods phase runs a maker and the batcher at once, each waiting on the other)
+        with ThreadPoolExecutor(max(2, self.workers), thread_name_prefix=f"apply-{p.lab}") as pool:
             infra = [n for n in p.netns if n.name not in leaves]
             by_owner: dict[str, list[Link]] = defaultdict(list)
             for link in p.links:

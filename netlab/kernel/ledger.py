@@ -148,7 +148,7 @@ class Ledger:
 
     def write_plan(self, plan: Plan) -> None:
         """``plan.json``, what ``Lab.attach`` reads. destroy needs only the ledger, so apply
-        writes this while its workers make the pods (1 ms per 100 pods off the critical path);
+        writes this while its configure batches run in the kernel (its encoding holds the GIL);
         written to a temporary name and renamed, so a reader never sees half of it."""
         tmp = self.dir / (PLAN + ".tmp")
         tmp.write_text(plan_json(plan))

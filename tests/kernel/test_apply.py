@@ -221,6 +221,48 @@ def test_missing_sysctl_fails_unless_optional(netlab_run_dir):
 
 @pytest.mark.kernel
 @kernel
+@pytest.mark.parametrize("workers", [1, 3])
+def test_pod_pipeline_with_other_worker_counts(netlab_run_dir, workers):
+    """The pods phase runs a batcher and ``workers - 1`` makers (at least one of each, even for
+    workers=1, where they used to wait on each other); every pod still reaches every other."""
+    plan = sample.build("hk-w", nodes=2, pods_per_node=3)
+    try:
+        apply(plan, workers=workers)
+        failed = [(a.ref, b.ip) for a in plan.pods for b in plan.pods if a is not b and not icmp_ping(a.netns, b.ip)]
+        assert not failed, f"unreachable: {failed}"
+    finally:
+        destroy("hk-w", force=True)
+    assert lingering("hk-w-") == []
+
+
+@pytest.mark.kernel
+@kernel
+@pytest.mark.parametrize("side", ["maker", "batcher"])
+def test_pod_failure_on_either_side_of_the_pipeline_rolls_back(netlab_run_dir, side):
+    """A pod's iptables rule is written by a maker, its routes are sent by the batcher: a
+    failure on either side names the object, stops the other side and leaves nothing."""
+    base = sample.build("hk-q", nodes=2, pods_per_node=4)
+    pod = base.pods[5].netns
+    if side == "maker":
+        bad = IptRule(pod, "mangle", "OUTPUT", "-p tcp -j TPROXY --on-port 15001 --on-ip 127.0.0.1 "
+                                               "--tproxy-mark 0x400/0xfff")  # PREROUTING only
+        plan = dataclasses.replace(base, ipt_rules=base.ipt_rules + (bad,))
+        expect = f"iptables -t mangle -A OUTPUT {bad.spec} in netns {pod}"
+    else:
+        bad = Route(pod, "10.9.0.0/24", gateway="172.31.0.3")
+        plan = dataclasses.replace(base, routes=base.routes + (bad,))
+        expect = f"route 10.9.0.0/24 via 172.31.0.3 in netns {pod}: Network is unreachable"
+    try:
+        with pytest.raises(ApplyError) as ei:
+            apply(plan)
+    finally:
+        destroy("hk-q", force=True)
+    assert expect in str(ei.value)
+    assert lingering("hk-q-") == [] and not (netlab_run_dir / "hk-q").exists()
+
+
+@pytest.mark.kernel
+@kernel
 def test_rejected_iptables_rule_is_named():
     base = sample.build("hk-g", nodes=1, pods_per_node=1)
     bad = IptRule("hk-g-node-1", "mangle", "OUTPUT",

@@ -92,3 +92,17 @@ def test_plan_cli_prints_without_root(fmt: list[str], capsys: pytest.CaptureFixt
     assert "ztunnel-PREROUTING" in out
     if fmt:
         assert json.loads(out)["lab"] == "ambient-to-sidecar"
+
+
+def test_progress_printer_logs_each_stage_once_when_not_a_terminal(capsys):
+    """Where stderr is a log (CI, a pipe), `netlab up` prints one line per stage as it
+    completes. It used to print none: the stage's first (0/N) call already marked it seen."""
+    from netlab.cli import _progress_printer
+
+    show = _progress_printer(quiet=False)
+    for stage, total in (("pods", 3), ("configure", 5)):
+        for done in range(total + 1):
+            show(stage, done, total)
+        show(stage, total, total)  # a repeated final report (the pods phase polls)
+    assert capsys.readouterr().err.splitlines() == ["  pods             3/3", "  configure        5/5"]
+    assert _progress_printer(quiet=True) is None
