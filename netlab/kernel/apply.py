@@ -644,9 +644,7 @@ class _Applier:
             with ns.in_netns(netns), self._sock(netns) as r:
                 reqs = self._prepped.pop(netns, None)
                 if reqs is None:  # the work names a device made here (bridge, tap, geneve)
-                    self.ledger.intent([*work.get("addresses", []), *work.get("routes", []), *work.get("rules", [])])
-                    reqs = [_tag(rtnl.link_set(name=dev, up=True), link) for link, dev in ups]
-                    reqs += self._netlink_reqs(netns, work, r.link_indexes())
+                    reqs = self._configure_batch(netns, ups, work, r.link_indexes())
                 self._prepared.release()
                 prepared = True
                 if reqs:
@@ -662,9 +660,14 @@ class _Applier:
         idx = self._chosen.get(netns, {})
         if any(o.dev and o.dev not in idx for sec in ("addresses", "routes") for o in work.get(sec, ())):
             return
+        self._prepped[netns] = self._configure_batch(netns, ups, work, idx)
+
+    def _configure_batch(self, netns: str, ups: list[tuple[Link, str]], work: dict[str, list[Any]],
+                         idx: dict[str, int]) -> list[rtnl.Request]:
+        """Intents, then the batch: ``ups`` brought up, addresses, routes, ip rules."""
         self.ledger.intent([*work.get("addresses", []), *work.get("routes", []), *work.get("rules", [])])
         reqs = [_tag(rtnl.link_set(name=dev, up=True), link) for link, dev in ups]
-        self._prepped[netns] = reqs + self._netlink_reqs(netns, work, idx)
+        return reqs + self._netlink_reqs(netns, work, idx)
 
     def _configure_rest(self, netns: str, work: dict[str, list[Any]]) -> None:
         """Sysctls, ipsets and iptables of ``netns``, from a thread inside it."""
