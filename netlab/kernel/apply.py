@@ -573,7 +573,7 @@ class _Applier:
         idx = {"lo": 1}
         for link in inbound:
             idx[link.peer_name or "eth0"] = len(idx) + 1
-        return _PodItem(n, inbound, r, self._netlink_reqs(n.name, work, idx), list(work.get("sysctls", ())))
+        return _PodItem(n, inbound, r, self._netlink_reqs(work, idx), list(work.get("sysctls", ())))
 
     def _finish_leaf(self, item: _PodItem) -> None:
         """Batcher side: ONE rtnetlink batch through the pod's own socket: ``lo`` up, its veth
@@ -644,7 +644,7 @@ class _Applier:
             with ns.in_netns(netns), self._sock(netns) as r:
                 reqs = self._prepped.pop(netns, None)
                 if reqs is None:  # the work names a device made here (bridge, tap, geneve)
-                    reqs = self._configure_batch(netns, ups, work, r.link_indexes())
+                    reqs = self._configure_batch(ups, work, r.link_indexes())
                 self._prepared.release()
                 prepared = True
                 if reqs:
@@ -660,14 +660,14 @@ class _Applier:
         idx = self._chosen.get(netns, {})
         if any(o.dev and o.dev not in idx for sec in ("addresses", "routes") for o in work.get(sec, ())):
             return
-        self._prepped[netns] = self._configure_batch(netns, ups, work, idx)
+        self._prepped[netns] = self._configure_batch(ups, work, idx)
 
-    def _configure_batch(self, netns: str, ups: list[tuple[Link, str]], work: dict[str, list[Any]],
+    def _configure_batch(self, ups: list[tuple[Link, str]], work: dict[str, list[Any]],
                          idx: dict[str, int]) -> list[rtnl.Request]:
         """Intents, then the batch: ``ups`` brought up, addresses, routes, ip rules."""
         self.ledger.intent([*work.get("addresses", []), *work.get("routes", []), *work.get("rules", [])])
         reqs = [_tag(rtnl.link_set(name=dev, up=True), link) for link, dev in ups]
-        return reqs + self._netlink_reqs(netns, work, idx)
+        return reqs + self._netlink_reqs(work, idx)
 
     def _configure_rest(self, netns: str, work: dict[str, list[Any]]) -> None:
         """Sysctls, ipsets and iptables of ``netns``, from a thread inside it."""
@@ -682,7 +682,7 @@ class _Applier:
             self._iptables(netns, work.get("ipt_chains", []), work.get("ipt_rules", []))
 
     @staticmethod
-    def _netlink_reqs(netns: str, work: dict[str, list[Any]], idx: dict[str, int]) -> list[rtnl.Request]:
+    def _netlink_reqs(work: dict[str, list[Any]], idx: dict[str, int]) -> list[rtnl.Request]:
         """The rtnetlink requests for ``work``'s addresses, routes and ip rules, in that order."""
         def index(o: Any, dev: str | None) -> int | None:
             if dev is None:
