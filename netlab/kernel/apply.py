@@ -7,14 +7,14 @@ device and whose incoming veths have no ``master``; every other netns (fabric, n
 1. ``pods``, a pipeline (:meth:`_Applier._pods_pipeline`): ``workers - 1`` *makers* create
    pod namespaces (thread unshare + bind mount, :func:`ns.new_netns`), each with a netlink
    socket opened inside it and kept, write the pod's early sysctls, ipsets and iptables, and
-   prepare its rtnetlink requests; ONE *batcher* first creates the infrastructure netns that
+   encode its ONE rtnetlink batch: ``lo`` up, its veth made from the pod side (the plan's peer
+   end, up; the node end sent straight into the node netns with a chosen ifindex), its
+   addresses, routes and ip rules. ONE *batcher* first creates the infrastructure netns that
    other netns's devices land in (nodes: early ``conf.default.*`` sysctls and ``ip_forward``,
    which set what devices made later start with, then ``lo`` up) and their devices, then the
-   devices of the fabric (which a maker creates before its pods), then sends each pod's ONE
-   batch through its socket: ``lo`` up, its veth made from the pod side (the plan's peer
-   end, up; the node end sent straight into the node netns with a chosen ifindex), its
-   addresses, routes and ip rules; then the pod's sysctls that name its devices. Meanwhile
-   the main thread builds the configure batches (it knows every chosen ifindex).
+   devices of the fabric (which a maker creates before its pods), then sends each pod's
+   batch through its socket, then the pod's sysctls that name its devices. Meanwhile the
+   main thread builds the configure batches (it knows every chosen ifindex).
 2. ``configure``: per infrastructure netns, one batch: bring up the veth ends other netns
    put there, addresses, routes, ip rules; then sysctls, ipsets (+ entries), iptables chains
    and rules (one libiptc commit per table). Meanwhile the main thread writes ``plan.json``.
@@ -22,11 +22,13 @@ device and whose incoming veths have no ``master``; every other netns (fabric, n
    them with :func:`netlab.kernel.ledger.record_process`.
 
 Measured costs that shaped this (2 vCPUs; bench-up has the totals): the kernel serialises
-nearly all of it on the rtnl mutex, so more threads than CPUs only spin, and one thread that
-does nothing but rtnetlink batches keeps the mutex busy while the others make namespaces
-(2-10% faster than workers that each make whole pods; see _pods_pipeline); a node's veth
-ends are brought up in ONE batch because each carrier-on is a linkwatch run, and 1000
-separate runs cost more than the batch; moving the node side into the pod batches was slower.
+most of it on the rtnl mutex, and one thread that does nothing but send rtnetlink batches
+keeps the mutex busy while the others make namespaces (2-10% faster than workers that each
+make whole pods; see _pods_pipeline); that thread is the bottleneck, so it runs as little
+Python as we can manage; a node's veth ends are brought up in ONE batch because each
+carrier-on is a linkwatch run, and 1000 separate runs cost more than the batch; moving the
+node side into the pod batches was slower (also when the pod batch makes the node end first
+and up, so its carrier comes on there).
 
 Each worker enters its netns with :func:`ns.in_netns` (or creates it and stays), opens one
 rtnetlink socket *there*, checks its netns cookie against the one recorded when the netns was
@@ -47,6 +49,7 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -78,9 +81,8 @@ PIPE_DEPTH = 64
 @dataclass
 class _PodItem:
     netns: Netns
-    inbound: list[Link]
     r: rtnl.Rtnl
-    reqs: list[rtnl.Request]
+    datagrams: list[rtnl.Datagram]  # encoded by the maker; the batcher only sends them
     sysctls: list[Sysctl]
 
 
@@ -168,10 +170,11 @@ def validate(plan: Plan) -> None:
 
 
 def default_workers() -> int:
-    """One worker per CPU: the kernel work is CPU-bound and serialised on the rtnl mutex and the
-    /run/netns directory lock, and extra threads only spin on those (measured on 2 vCPUs, 1000
-    pods: 2 workers 1.38 ms/pod, 4 workers 1.59, 8 workers 1.55)."""
-    return max(2, min(8, os.cpu_count() or 2))
+    """One pod maker per CPU, plus the batcher (see _pods_pipeline). Measured on 2 vCPUs,
+    interleaved runs, ms per pod at 100 / 1000 pods: 2 workers 0.81 / 0.79, 3 workers
+    0.77 / 0.74, 4 workers 0.78 / 0.79. (Before the pipeline, with whole pods per worker,
+    more workers than CPUs only spun on the rtnl mutex.)"""
+    return max(3, min(9, (os.cpu_count() or 2) + 1))
 
 
 def apply(plan: Plan, *, progress: Progress | None = None, workers: int | None = None) -> None:
@@ -219,6 +222,8 @@ class _Applier:
         # ifindexes chosen for veth ends that other netns create here (netns -> device -> index)
         self._chosen: dict[str, dict[str, int]] = defaultdict(dict)
         self._pods_done = 0
+        self._infra_made = threading.Event()  # the nodes exist: pod makers may open their fds
+        self._stop = threading.Event()  # the pods phase failed somewhere: every thread stops
         self._prepped: dict[str, list[rtnl.Request]] = {}  # configure batches built ahead
         self._prepared = threading.Semaphore(0)  # configure tasks whose batch is built
 
@@ -451,23 +456,40 @@ class _Applier:
         one thread and the netns work overlaps it. The batcher first makes the infrastructure
         netns (nodes), which the pods' veths land in, while a maker makes the ``loose`` ones (the
         fabric) and then pods.
+
+        The batcher is the bottleneck (with a maker per CPU), so the makers do its Python: they
+        encode each pod's batch (``Rtnl.prepare``), and close the sockets it has used. Python
+        work on another thread costs it too: it waits for the GIL each time it returns from the
+        kernel (an interval of ``sys.setswitchinterval`` at worst).
         """
-        q: queue.Queue[_PodItem | None] = queue.Queue(maxsize=PIPE_DEPTH)
-        stop = threading.Event()
+        # C-level queues: queue.Queue's Python-level locking showed up in the batcher's profile
+        q: queue.SimpleQueue[_PodItem | None] = queue.SimpleQueue()
+        # the batcher hands each sent pod's socket back for a maker to close: a close gives up
+        # the GIL, and taking it back costs the batcher, the bottleneck, while a maker runs Python
+        sent: queue.SimpleQueue[rtnl.Rtnl] = queue.SimpleQueue()
+        stop = self._stop
         todo = iter(pods)
         todo_lock = threading.Lock()
         makers = max(1, self.workers - 1)
         self._pods_done = 0
         loose_made = threading.Event()
 
-        def put(item: _PodItem | None) -> bool:
-            while not stop.is_set():
+        def close_sent() -> None:
+            while True:
                 try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    pass
-            return False
+                    sent.get_nowait().close()
+                except queue.Empty:
+                    return
+
+        def put(item: _PodItem | None) -> bool:
+            # at most PIPE_DEPTH prepared pods (each holds a socket) wait for the batcher
+            while q.qsize() >= PIPE_DEPTH and item is not None:
+                if stop.is_set():
+                    return False
+                close_sent()
+                time.sleep(0.0005)
+            q.put(item)
+            return True
 
         def maker(_: Any) -> None:
             try:
@@ -481,7 +503,10 @@ class _Applier:
                         pod = next(todo, None)
                     if pod is None:
                         break
+                    close_sent()
                     item = self._open_leaf(*pod)
+                    if item is None:
+                        return
                     if not put(item):
                         item.r.close()
                         return
@@ -494,6 +519,7 @@ class _Applier:
             try:
                 for fn, arg in infra_tasks:
                     fn(arg)
+                self._infra_made.set()
                 if loose_links:
                     while not loose_made.wait(0.05):
                         if stop.is_set():
@@ -509,8 +535,10 @@ class _Applier:
                     if item is None:
                         ended += 1
                         continue
-                    with item.r:
+                    try:
                         self._finish_leaf(item)
+                    finally:
+                        sent.put(item.r)
                     self._pods_done += 1
             except BaseException:
                 stop.set()
@@ -536,8 +564,9 @@ class _Applier:
                     break
                 if left is not None:
                     left.r.close()
+            close_sent()
 
-    def _open_leaf(self, n: Netns, inbound: list[Link], work: dict[str, list[Any]]) -> _PodItem:
+    def _open_leaf(self, n: Netns, inbound: list[Link], work: dict[str, list[Any]]) -> _PodItem | None:
         """Maker side: create the pod's netns with a netlink socket inside it; write what needs
         no device there (early sysctls, ipsets, iptables); prepare the rtnetlink requests."""
         # one ledger write for all the pod's netlink objects (ahead of them, as always)
@@ -568,25 +597,30 @@ class _Applier:
             made.__exit__(None, None, None)
             raise
         made.__exit__(None, None, None)
-        # a fresh netns holds only lo (ifindex 1); we give our veth ends the next indexes
-        # ourselves, so addresses and routes go in the same batch, with no dump in between
+        # ONE rtnetlink batch, encoded here and sent by the batcher through the pod's own socket:
+        # ``lo`` up, its veth made from the pod side (the plan's peer end, up; the node end sent
+        # straight into the node netns with a chosen ifindex), its addresses, routes and ip
+        # rules. A fresh netns holds only lo (ifindex 1); we give our veth ends the next indexes
+        # ourselves, so addresses and routes go in the same batch, with no dump in between.
+        while not self._infra_made.wait(0.05):  # the veth's far end needs the node's fd
+            if self._stop.is_set():  # the batcher failed; its error is the one to report
+                r.close()
+                return None
+        reqs = [_tag(rtnl.link_set(1, up=True), n)]
         idx = {"lo": 1}
         for link in inbound:
-            idx[link.peer_name or "eth0"] = len(idx) + 1
-        return _PodItem(n, inbound, r, self._netlink_reqs(work, idx), list(work.get("sysctls", ())))
-
-    def _finish_leaf(self, item: _PodItem) -> None:
-        """Batcher side: ONE rtnetlink batch through the pod's own socket: ``lo`` up, its veth
-        made from the pod side (the plan's peer end, up; the node end sent straight into the
-        node netns with a chosen ifindex), its addresses, routes and ip rules; then the sysctls
-        that need its devices."""
-        reqs = [_tag(rtnl.link_set(1, up=True), item.netns)]
-        for i, link in enumerate(item.inbound):
-            reqs.append(_tag(rtnl.link_create(link.peer_name or "eth0", "veth", up=True, mtu=link.mtu, index=i + 2,
+            idx[link.peer_name or "eth0"] = i = len(idx) + 1
+            reqs.append(_tag(rtnl.link_create(link.peer_name or "eth0", "veth", up=True, mtu=link.mtu, index=i,
                                               peer_name=link.name, peer_netns_fd=self._netns_fd(link.netns),
                                               peer_mac=link.mac, peer_index=self._chosen[link.netns][link.name]),
                               link))
-        self._check(item.r.batch([*reqs, *item.reqs]))
+        reqs += self._netlink_reqs(work, idx)
+        return _PodItem(n, r, r.prepare(reqs), list(work.get("sysctls", ())))
+
+    def _finish_leaf(self, item: _PodItem) -> None:
+        """Batcher side: send the pod's prepared batch; then the sysctls that need its devices."""
+        for d in item.datagrams:
+            self._check(item.r.send(d))
         if item.sysctls:
             with ns.in_netns(item.netns.name):
                 for sc in item.sysctls:
