@@ -7,17 +7,20 @@ device and whose incoming veths have no ``master``; every other netns (fabric, n
 1. ``pods``, a pipeline (:meth:`_Applier._pods_pipeline`): ``workers - 1`` *makers* create
    pod namespaces (thread unshare + bind mount, :func:`ns.new_netns`), each with a netlink
    socket opened inside it and kept, write the pod's early sysctls, ipsets and iptables, and
-   encode its ONE rtnetlink batch: ``lo`` up, its veth made from the pod side (the plan's peer
-   end, up; the node end sent straight into the node netns with a chosen ifindex), its
-   addresses, routes and ip rules. ONE *batcher* first creates the infrastructure netns that
+   encode its ONE rtnetlink batch: ``lo`` up; its veth, sent from the pod's socket with the
+   node end first (made straight in the node netns with a chosen ifindex, up) and the pod's
+   end (the plan's peer end) second, then up; its addresses, routes and ip rules. ONE
+   *batcher* first creates the infrastructure netns that
    other netns's devices land in (nodes: early ``conf.default.*`` sysctls and ``ip_forward``,
    which set what devices made later start with, then ``lo`` up) and their devices, then the
    devices of the fabric (which a maker creates before its pods), then sends each pod's
    batch through its socket, then the pod's sysctls that name its devices. Meanwhile the
    main thread builds the configure batches (it knows every chosen ifindex).
-2. ``configure``: per infrastructure netns, one batch: bring up the veth ends other netns
-   put there, addresses, routes, ip rules; then sysctls, ipsets (+ entries), iptables chains
-   and rules (one libiptc commit per table). Meanwhile the main thread writes ``plan.json``.
+2. ``configure``: per infrastructure netns, one batch: bring up the veth ends other
+   infrastructure netns put there, addresses, routes, ip rules; finish the kernel's linkwatch
+   work on the newest pod veths (:meth:`_Applier._sync_pod_veths`); then sysctls, ipsets
+   (+ entries), iptables chains and rules (one libiptc commit per table). Meanwhile the main
+   thread writes ``plan.json``.
 3. ``files`` (main thread). ``processes`` are not ours: the runtime starts them and records
    them with :func:`netlab.kernel.ledger.record_process`.
 
@@ -25,10 +28,10 @@ Measured costs that shaped this (2 vCPUs; bench-up has the totals): the kernel s
 most of it on the rtnl mutex, and one thread that does nothing but send rtnetlink batches
 keeps the mutex busy while the others make namespaces (2-10% faster than workers that each
 make whole pods; see _pods_pipeline); that thread is the bottleneck, so it runs as little
-Python as we can manage; a node's veth ends are brought up in ONE batch because each
-carrier-on is a linkwatch run, and 1000 separate runs cost more than the batch; moving the
-node side into the pod batches was slower (also when the pod batch makes the node end first
-and up, so its carrier comes on there).
+Python as we can manage. A pod's veth comes up in its own batch, node end first, although
+bringing all node ends up in one configure batch at the end was 4-5% faster: that left the
+pods' ends waiting for linkwatch, and pods could not send for seconds after apply returned
+(see _open_leaf). Moving the node's addresses and routes into the pods phase was slower.
 
 Each worker enters its netns with :func:`ns.in_netns` (or creates it and stays), opens one
 rtnetlink socket *there*, checks its netns cookie against the one recorded when the netns was
@@ -76,14 +79,22 @@ TAP_TXQLEN = 10000
 FAR_END_IFINDEX = 1 << 16
 # pods prepared by the makers and not yet sent by the batcher (each holds a netlink socket)
 PIPE_DEPTH = 64
+# pod veths per node whose linkwatch work apply finishes itself (see _sync_pod_veths)
+LINKWATCH_TAIL = 32
 
 
 @dataclass
 class _PodItem:
     netns: Netns
     r: rtnl.Rtnl
+    fd: int  # the pod's netns (its veth end lands there)
     datagrams: list[rtnl.Datagram]  # encoded by the maker; the batcher only sends them
     sysctls: list[Sysctl]
+    far_ends: list[tuple[str, int]]  # (netns, ifindex) of its veths' other ends
+
+    def close(self) -> None:
+        self.r.close()
+        os.close(self.fd)
 
 
 class ApplyError(RuntimeError):
@@ -221,6 +232,9 @@ class _Applier:
         self.early: dict[str, list[Sysctl]] = defaultdict(list)
         # ifindexes chosen for veth ends that other netns create here (netns -> device -> index)
         self._chosen: dict[str, dict[str, int]] = defaultdict(dict)
+        self._chosen_pods: dict[str, list[int]] = defaultdict(list)  # of those, pod veths' node ends
+        self._sent_ends: list[tuple[str, int]] = []  # (node netns, ifindex) of pod veths, as sent
+        self._sent_lock = threading.Lock()
         self._pods_done = 0
         self._infra_made = threading.Event()  # the nodes exist: pod makers may open their fds
         self._stop = threading.Event()  # the pods phase failed somewhere: every thread stops
@@ -273,6 +287,7 @@ class _Applier:
             for link in p.links:
                 if link.key in inverted:
                     self._choose_index(link.netns, link.name)
+                    self._chosen_pods[link.netns].append(self._chosen[link.netns][link.name])
                 elif link.kind == "veth" and link.peer_netns and link.peer_netns not in leaves and link.peer_name:
                     # (the kernel takes a veth's peer index only when the first end's is given too)
                     self._choose_index(link.netns, link.name)
@@ -291,8 +306,7 @@ class _Applier:
             tasks = []
             for n in infra:
                 ups = [(link, link.peer_name) for link in into.get(n.name, []) if link.key not in inverted]
-                ups += [(link, link.name) for link in p.links if link.netns == n.name and link.key in inverted]
-                if ups or n.name in work:
+                if ups or n.name in work or self._chosen_pods.get(n.name):
                     tasks.append((self._configure, (n.name, ups, work.get(n.name, {})), count(n.name)))
             # this thread is idle while the pods are made: it prepares the configure batches
             self._pods_pipeline(pool, infra_tasks, loose, loose_links, pods,
@@ -466,7 +480,7 @@ class _Applier:
         q: queue.SimpleQueue[_PodItem | None] = queue.SimpleQueue()
         # the batcher hands each sent pod's socket back for a maker to close: a close gives up
         # the GIL, and taking it back costs the batcher, the bottleneck, while a maker runs Python
-        sent: queue.SimpleQueue[rtnl.Rtnl] = queue.SimpleQueue()
+        sent: queue.SimpleQueue[_PodItem] = queue.SimpleQueue()
         stop = self._stop
         todo = iter(pods)
         todo_lock = threading.Lock()
@@ -508,7 +522,7 @@ class _Applier:
                     if item is None:
                         return
                     if not put(item):
-                        item.r.close()
+                        item.close()
                         return
             except BaseException:
                 stop.set()
@@ -538,7 +552,9 @@ class _Applier:
                     try:
                         self._finish_leaf(item)
                     finally:
-                        sent.put(item.r)
+                        sent.put(item)
+                    with self._sent_lock:
+                        self._sent_ends += item.far_ends
                     self._pods_done += 1
             except BaseException:
                 stop.set()
@@ -563,7 +579,7 @@ class _Applier:
                 except queue.Empty:
                     break
                 if left is not None:
-                    left.r.close()
+                    left.close()
             close_sent()
 
     def _open_leaf(self, n: Netns, inbound: list[Link], work: dict[str, list[Any]]) -> _PodItem | None:
@@ -580,12 +596,14 @@ class _Applier:
         except OSError as e:
             raise _ObjError(n, e) from e
         r: rtnl.Rtnl | None = None
+        fd = -1
         try:
             r = rtnl.Rtnl()
             if r.cookie == self.root_cookie:
                 raise _ObjError(n, "socket landed in the root netns; refusing to write")
             with self._cookie_lock:
                 self.cookies[n.name] = r.cookie
+            fd = ns.own_netns_fd()
             self._early_sysctls(n.name)
             if work.get("ipsets") or work.get("ipset_entries"):
                 self._ipsets(n.name, work.get("ipsets", []), work.get("ipset_entries", []))
@@ -594,28 +612,42 @@ class _Applier:
         except BaseException:
             if r is not None:
                 r.close()
+            if fd >= 0:
+                os.close(fd)
             made.__exit__(None, None, None)
             raise
         made.__exit__(None, None, None)
         # ONE rtnetlink batch, encoded here and sent by the batcher through the pod's own socket:
-        # ``lo`` up, its veth made from the pod side (the plan's peer end, up; the node end sent
-        # straight into the node netns with a chosen ifindex), its addresses, routes and ip
-        # rules. A fresh netns holds only lo (ifindex 1); we give our veth ends the next indexes
-        # ourselves, so addresses and routes go in the same batch, with no dump in between.
+        # ``lo`` up; its veth, node end first (made straight in the node netns with a chosen
+        # ifindex, up), the pod's end (``eth0``) as its peer, then ``eth0`` up; its addresses,
+        # routes and ip rules. A fresh netns holds only lo (ifindex 1); we give our veth ends
+        # the next indexes ourselves, so addresses and routes go in the same batch, with no dump
+        # in between.
+        #
+        # Why the node end comes up first: a veth end that comes up while its peer is up gets
+        # its queue discipline at once; the end that was up first gets it from the kernel's
+        # linkwatch, later. linkwatch handles 100-200 devices a run and, past its urgent runs,
+        # one run a second: with the pod ends up first and 1000 node ends brought up at the end,
+        # pods could not send for up to 8 s after apply returned. This way every pod can send
+        # at once, and a node end linkwatch has not reached yet is finished by _sync_pod_veths.
         while not self._infra_made.wait(0.05):  # the veth's far end needs the node's fd
             if self._stop.is_set():  # the batcher failed; its error is the one to report
                 r.close()
+                os.close(fd)
                 return None
         reqs = [_tag(rtnl.link_set(1, up=True), n)]
         idx = {"lo": 1}
         for link in inbound:
             idx[link.peer_name or "eth0"] = i = len(idx) + 1
-            reqs.append(_tag(rtnl.link_create(link.peer_name or "eth0", "veth", up=True, mtu=link.mtu, index=i,
-                                              peer_name=link.name, peer_netns_fd=self._netns_fd(link.netns),
-                                              peer_mac=link.mac, peer_index=self._chosen[link.netns][link.name]),
+            reqs.append(_tag(rtnl.link_create(link.name, "veth", up=True, mtu=link.mtu, mac=link.mac,
+                                              netns_fd=self._netns_fd(link.netns),
+                                              index=self._chosen[link.netns][link.name],
+                                              peer_name=link.peer_name or "eth0", peer_netns_fd=fd, peer_index=i),
                               link))
+            reqs.append(_tag(rtnl.link_set(i, up=True), link))
         reqs += self._netlink_reqs(work, idx)
-        return _PodItem(n, r, r.prepare(reqs), list(work.get("sysctls", ())))
+        return _PodItem(n, r, fd, r.prepare(reqs), list(work.get("sysctls", ())),
+                        [(link.netns, self._chosen[link.netns][link.name]) for link in inbound])
 
     def _finish_leaf(self, item: _PodItem) -> None:
         """Batcher side: send the pod's prepared batch; then the sysctls that need its devices."""
@@ -683,10 +715,23 @@ class _Applier:
                 prepared = True
                 if reqs:
                     self._check(r.batch(reqs))
+                self._sync_pod_veths(netns, r)
                 self._configure_rest(netns, work)
         finally:
             if not prepared:
                 self._prepared.release()
+
+    def _sync_pod_veths(self, netns: str, r: rtnl.Rtnl) -> None:
+        """Finish the kernel's linkwatch work on the node ends of the last LINKWATCH_TAIL pod
+        veths made into ``netns`` (see _open_leaf): an RTM_GETLINK of each runs it at once if
+        it is still pending. Without this, traffic to those pods would be dropped until
+        linkwatch comes round. Every pod's carrier-on schedules an immediate linkwatch run
+        that takes up to 200 devices, oldest first, so only the newest can still be waiting
+        (none was, in runs of 100 and 1000 pods; a dump of 1000 devices to check costs 15 ms)."""
+        with self._sent_lock:
+            ends = [i for n, i in self._sent_ends if n == netns][-LINKWATCH_TAIL:]
+        if ends:
+            self._check(r.batch([_tag(rtnl.link_get(i), netns) for i in ends]))
 
     def _prepare_configure(self, netns: str, ups: list[tuple[Link, str]], work: dict[str, list[Any]]) -> None:
         """Write the intents and build the batch of a configure task ahead of time, if every

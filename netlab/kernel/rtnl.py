@@ -42,6 +42,7 @@ RTM_NEWRULE, RTM_DELRULE = 32, 33
 IFF_UP = 1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_TXQLEN = 13
+IFLA_EXT_MASK = 29
 IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
 IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
 VETH_QUEUES = 1  # see link_create
@@ -131,12 +132,13 @@ def link_create(name: str, kind: str, *, up: bool = True, mtu: int | None = None
                 peer_name: str | None = None, peer_netns_fd: int | None = None, peer_up: bool = False,
                 vni: int | None = None, remote: str | None = None, master: int | None = None,
                 peer_mac: str | None = None, index: int = 0, peer_index: int = 0,
-                queues: int | None = None) -> Request:
+                queues: int | None = None, netns_fd: int | None = None) -> Request:
     """RTM_NEWLINK that creates (and optionally brings up and enslaves) a device in one message.
 
-    For a veth, the peer is created directly in the namespace behind ``peer_netns_fd``. The
+    ``netns_fd``: make the device in the namespace behind it rather than the socket's. For a
+    veth, the peer is created directly in the namespace behind ``peer_netns_fd``. The
     peer cannot be brought up in the same message (the kernel opens it before the first end
-    is registered: ENOTCONN), so callers set it up afterwards from the peer's namespace.
+    is registered: ENOTCONN), so callers set it up afterwards.
 
     ``queues``: TX and RX queues of each end; a veth gets 1 unless told otherwise. The kernel
     otherwise allocates one per possible CPU and then cuts the real number back to 1
@@ -153,6 +155,8 @@ def link_create(name: str, kind: str, *, up: bool = True, mtu: int | None = None
         attrs += a_mac(IFLA_ADDRESS, mac)
     if master is not None:
         attrs += a_u32(IFLA_MASTER, master)
+    if netns_fd is not None:
+        attrs += a_u32(IFLA_NET_NS_FD, netns_fd)
     if queues is None and kind == "veth":
         queues = VETH_QUEUES
     nq = a_u32(IFLA_NUM_TX_QUEUES, queues) + a_u32(IFLA_NUM_RX_QUEUES, queues) if queues else b""
@@ -196,6 +200,12 @@ def link_set(index: int = 0, *, name: str | None = None, up: bool | None = None,
     if txqlen:
         attrs += a_u32(IFLA_TXQLEN, txqlen)
     return Request(RTM_NEWLINK, 0, _IFI.pack(socket.AF_UNSPEC, 0, index, flags, change) + attrs)
+
+
+def link_get(index: int) -> Request:
+    """RTM_GETLINK of one device. The kernel first runs the device's pending linkwatch work
+    (``linkwatch_sync_dev``): its queue discipline goes live and its operstate is current."""
+    return Request(RTM_GETLINK, 0, _IFI.pack(socket.AF_UNSPEC, 0, index, 0, 0) + a_u32(IFLA_EXT_MASK, 1))
 
 
 def link_delete(name: str) -> Request:
@@ -369,7 +379,7 @@ class Rtnl:
     def link_indexes(self) -> dict[str, int]:
         """ifname -> ifindex for every device in this netns (one dump)."""
         self._seq += 1
-        body = _IFI.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + a_u32(29, 1)  # IFLA_EXT_MASK: RTEXT_FILTER_VF (small)
+        body = _IFI.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + a_u32(IFLA_EXT_MASK, 1)  # RTEXT_FILTER_VF (small)
         self.sock.send(_HDR.pack(_HDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0) + body)
         out: dict[str, int] = {}
         while True:

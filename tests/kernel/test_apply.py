@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from netlab import istio
-from netlab.kernel import ledger, ns, sample
+from netlab.kernel import ledger, ns, rtnl, sample
 from netlab.kernel.apply import ApplyError, apply, describe, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
 from netlab.kernel.ipt import IptSpecError, parse_spec
@@ -233,6 +233,45 @@ def test_pod_pipeline_with_other_worker_counts(netlab_run_dir, workers):
     finally:
         destroy("hk-w", force=True)
     assert lingering("hk-w-") == []
+
+
+def operstates(netns: str) -> dict[str, int]:
+    """ifname -> IFLA_OPERSTATE of every device in ``netns``, from a dump (which, unlike a
+    single RTM_GETLINK, does not make the kernel finish pending linkwatch work first)."""
+    with ns.in_netns(netns), rtnl.Rtnl() as r:
+        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+        r.sock.send(struct.pack("=IHHII", 16 + len(body), rtnl.RTM_GETLINK, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP, 1, 0) + body)
+        out: dict[str, int] = {}
+        while True:
+            for mtype, _, _, payload in rtnl._messages(r.sock.recv(1 << 16)):
+                if mtype == rtnl.NLMSG_DONE:
+                    return out
+                if mtype == rtnl.RTM_NEWLINK:
+                    a = dict(rtnl._attrs(payload, 16))
+                    out[a[3].rstrip(b"\0").decode()] = a[16][0]  # IFLA_IFNAME, IFLA_OPERSTATE
+
+
+@pytest.mark.kernel
+@kernel
+def test_every_pod_can_send_when_apply_returns(netlab_run_dir):
+    """The first end of a veth to come up gets its queue discipline from the kernel's linkwatch,
+    which does 100-200 devices a run and, past urgent runs, one run a second. When the pods'
+    ends came up first and their node ends at the end, up to 8 s passed after a 1000-pod apply
+    before every pod could send (operstate still down, packets dropped). Now each pod's end
+    comes up second, and apply finishes what linkwatch has left on the node ends."""
+    plan = sample.single_node("hk-rdy", 1000)
+    try:
+        apply(plan)
+        waiting = [p.ref for p in plan.pods if operstates(p.netns)["eth0"] != 6]  # IF_OPER_UP
+        node = operstates(plan.nodes[0].netns)
+        waiting += [dev for dev, st in node.items() if dev.startswith("veth") and st != 6]
+        assert not waiting, f"{len(waiting)} veth ends not ready, e.g. {waiting[:5]}"
+        last = plan.pods[-10:]
+        mute = [p.ref for p in last if not icmp_ping(p.netns, plan.pods[0].ip, timeout=1.0)]
+        assert not mute, f"cannot reach {plan.pods[0].ip} right after apply: {mute}"
+    finally:
+        destroy("hk-rdy", force=True)
+    assert lingering("hk-rdy-") == []
 
 
 @pytest.mark.kernel
