@@ -53,7 +53,7 @@ import queue
 import struct
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -232,9 +232,10 @@ class _Applier:
         self.early: dict[str, list[Sysctl]] = defaultdict(list)
         # ifindexes chosen for veth ends that other netns create here (netns -> device -> index)
         self._chosen: dict[str, dict[str, int]] = defaultdict(dict)
-        self._chosen_pods: dict[str, list[int]] = defaultdict(list)  # of those, pod veths' node ends
-        self._sent_ends: list[tuple[str, int]] = []  # (node netns, ifindex) of pod veths, as sent
-        self._sent_lock = threading.Lock()
+        self._pod_hosts: set[str] = set()  # netns with pod veths' far ends (nodes)
+        # per node, the ifindexes of the pod veths' ends the batcher made there last (written by
+        # the batcher alone, read after the pods phase)
+        self._newest_ends: dict[str, deque[int]] = defaultdict(lambda: deque(maxlen=LINKWATCH_TAIL))
         self._pods_done = 0
         self._infra_made = threading.Event()  # the nodes exist: pod makers may open their fds
         self._stop = threading.Event()  # the pods phase failed somewhere: every thread stops
@@ -287,7 +288,7 @@ class _Applier:
             for link in p.links:
                 if link.key in inverted:
                     self._choose_index(link.netns, link.name)
-                    self._chosen_pods[link.netns].append(self._chosen[link.netns][link.name])
+                    self._pod_hosts.add(link.netns)
                 elif link.kind == "veth" and link.peer_netns and link.peer_netns not in leaves and link.peer_name:
                     # (the kernel takes a veth's peer index only when the first end's is given too)
                     self._choose_index(link.netns, link.name)
@@ -306,7 +307,7 @@ class _Applier:
             tasks = []
             for n in infra:
                 ups = [(link, link.peer_name) for link in into.get(n.name, []) if link.key not in inverted]
-                if ups or n.name in work or self._chosen_pods.get(n.name):
+                if ups or n.name in work or n.name in self._pod_hosts:
                     tasks.append((self._configure, (n.name, ups, work.get(n.name, {})), count(n.name)))
             # this thread is idle while the pods are made: it prepares the configure batches
             self._pods_pipeline(pool, infra_tasks, loose, loose_links, pods,
@@ -553,8 +554,8 @@ class _Applier:
                         self._finish_leaf(item)
                     finally:
                         sent.put(item)
-                    with self._sent_lock:
-                        self._sent_ends += item.far_ends
+                    for netns, index in item.far_ends:
+                        self._newest_ends[netns].append(index)
                     self._pods_done += 1
             except BaseException:
                 stop.set()
@@ -728,8 +729,7 @@ class _Applier:
         linkwatch comes round. Every pod's carrier-on schedules an immediate linkwatch run
         that takes up to 200 devices, oldest first, so only the newest can still be waiting
         (none was, in runs of 100 and 1000 pods; a dump of 1000 devices to check costs 15 ms)."""
-        with self._sent_lock:
-            ends = [i for n, i in self._sent_ends if n == netns][-LINKWATCH_TAIL:]
+        ends = self._newest_ends.get(netns)
         if ends:
             self._check(r.batch([_tag(rtnl.link_get(i), netns) for i in ends]))
 
