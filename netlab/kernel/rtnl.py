@@ -42,7 +42,8 @@ RTM_NEWRULE, RTM_DELRULE = 32, 33
 IFF_UP = 1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_TXQLEN = 13
-IFLA_EXT_MASK = 29
+IFLA_OPERSTATE, IFLA_EXT_MASK = 16, 29
+IF_OPER_UP = 6
 IFLA_LINKINFO, IFLA_NET_NS_FD = 18, 28
 IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
 VETH_QUEUES = 1  # see link_create
@@ -378,10 +379,16 @@ class Rtnl:
 
     def link_indexes(self) -> dict[str, int]:
         """ifname -> ifindex for every device in this netns (one dump)."""
+        return {name: index for name, index, _ in self.links()}
+
+    def links(self) -> list[tuple[str, int, int]]:
+        """(ifname, ifindex, operstate) of every device in this netns: one RTM_GETLINK dump.
+        Unlike :func:`link_get`, a dump does not make the kernel run pending linkwatch work,
+        so operstates are as linkwatch left them."""
         self._seq += 1
         body = _IFI.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + a_u32(IFLA_EXT_MASK, 1)  # RTEXT_FILTER_VF (small)
         self.sock.send(_HDR.pack(_HDR.size + len(body), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0) + body)
-        out: dict[str, int] = {}
+        out: list[tuple[str, int, int]] = []
         while True:
             data = self._recv()
             for mtype, _, seq, payload in _messages(data):
@@ -393,11 +400,13 @@ class Rtnl:
                     code = -struct.unpack_from("=i", payload)[0]
                     raise NetlinkError(code or errno.EIO)
                 if mtype == RTM_NEWLINK:
-                    index = _IFI.unpack_from(payload)[2]
+                    name, state = "", 0
                     for kind, val in _attrs(payload, _IFI.size):
                         if kind == IFLA_IFNAME:
-                            out[val.rstrip(b"\0").decode()] = index
-                            break
+                            name = val.rstrip(b"\0").decode()
+                        elif kind == IFLA_OPERSTATE:
+                            state = val[0]
+                    out.append((name, _IFI.unpack_from(payload)[2], state))
 
 
 def _messages(data: bytes):

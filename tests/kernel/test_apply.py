@@ -236,19 +236,10 @@ def test_pod_pipeline_with_other_worker_counts(netlab_run_dir, workers):
 
 
 def operstates(netns: str) -> dict[str, int]:
-    """ifname -> IFLA_OPERSTATE of every device in ``netns``, from a dump (which, unlike a
-    single RTM_GETLINK, does not make the kernel finish pending linkwatch work first)."""
+    """ifname -> operstate of every device in ``netns``, from a dump (which, unlike a single
+    RTM_GETLINK, does not make the kernel finish pending linkwatch work first)."""
     with ns.in_netns(netns), rtnl.Rtnl() as r:
-        body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
-        r.sock.send(struct.pack("=IHHII", 16 + len(body), rtnl.RTM_GETLINK, rtnl.NLM_F_REQUEST | rtnl.NLM_F_DUMP, 1, 0) + body)
-        out: dict[str, int] = {}
-        while True:
-            for mtype, _, _, payload in rtnl._messages(r.sock.recv(1 << 16)):
-                if mtype == rtnl.NLMSG_DONE:
-                    return out
-                if mtype == rtnl.RTM_NEWLINK:
-                    a = dict(rtnl._attrs(payload, 16))
-                    out[a[3].rstrip(b"\0").decode()] = a[16][0]  # IFLA_IFNAME, IFLA_OPERSTATE
+        return {name: state for name, _, state in r.links()}
 
 
 @pytest.mark.kernel
@@ -262,9 +253,9 @@ def test_every_pod_can_send_when_apply_returns(netlab_run_dir):
     plan = sample.single_node("hk-rdy", 1000)
     try:
         apply(plan)
-        waiting = [p.ref for p in plan.pods if operstates(p.netns)["eth0"] != 6]  # IF_OPER_UP
+        waiting = [p.ref for p in plan.pods if operstates(p.netns)["eth0"] != rtnl.IF_OPER_UP]
         node = operstates(plan.nodes[0].netns)
-        waiting += [dev for dev, st in node.items() if dev.startswith("veth") and st != 6]
+        waiting += [dev for dev, st in node.items() if dev.startswith("veth") and st != rtnl.IF_OPER_UP]
         assert not waiting, f"{len(waiting)} veth ends not ready, e.g. {waiting[:5]}"
         last = plan.pods[-10:]
         mute = [p.ref for p in last if not icmp_ping(p.netns, plan.pods[0].ip, timeout=1.0)]
