@@ -35,8 +35,8 @@ pods' ends waiting for linkwatch, and pods could not send for seconds after appl
 
 Each worker enters its netns with :func:`ns.in_netns` (or creates it and stays), opens one
 rtnetlink socket *there*, checks its netns cookie against the one recorded when the netns was
-made, and sends each section as one batch. Every object is written to the ledger as an intent before the request
-that creates it is sent. On any failure the whole lab is rolled back from the ledger (which is
+made, and sends each section as one batch. Every object is written to the ledger as an intent
+before the request that creates it is sent. On any failure the whole lab is rolled back from the ledger (which is
 exactly :func:`netlab.kernel.destroy.destroy`) and :class:`ApplyError` names the object.
 
 Every object must live in a namespace the plan creates, so rollback and destroy never have to
