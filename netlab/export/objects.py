@@ -151,9 +151,14 @@ def _deployment(i: int, p: Pod, rel: Release, m: Manifests) -> dict[str, Any]:
                        "template": {"metadata": tmpl_md, "spec": pod_spec}})
 
 
-def _speaks_http(topo: Topology, ns: str, selector: dict[str, str]) -> bool:
-    pods = [p for p in topo.pods if p.namespace == ns and selector
+def _selected(topo: Topology, ns: str, selector: dict[str, str]) -> list[Pod]:
+    """The pods a Service's selector picks (labels as the lab gives them: app, version, own labels)."""
+    return [p for p in topo.pods if p.namespace == ns and selector
             and all({"app": p.app_name, "version": p.version, **p.labels}.get(k) == v for k, v in selector.items())]
+
+
+def _speaks_http(topo: Topology, ns: str, selector: dict[str, str]) -> bool:
+    pods = _selected(topo, ns, selector)
     return bool(pods) and all(p.command is None and p.app_name in ("httpbin", "helloworld") for p in pods)
 
 
@@ -170,8 +175,7 @@ def _waypoints(topo: Topology, rel: Release, m: Manifests, ns_labels: dict[str, 
                 ns_labels[w.namespace][LABEL_USE_WAYPOINT] = w.name
             else:  # the services whose pods all run as that service account
                 for s in topo.services:
-                    eps = [p for p in topo.pods if p.namespace == s.namespace == w.namespace and s.selector and all(
-                        {"app": p.app_name, "version": p.version, **p.labels}.get(k) == v for k, v in s.selector.items())]
+                    eps = _selected(topo, w.namespace, s.selector) if s.namespace == w.namespace else []
                     if eps and all(p.serviceAccount == w.serviceAccount for p in eps):
                         svc_labels.setdefault((s.namespace, s.name), {})[LABEL_USE_WAYPOINT] = w.name
         m.istio.append(_meta(rel.gateway_api_version, "Gateway", w.name, w.namespace, labels=labels, annotations=annotations,
