@@ -233,6 +233,39 @@ def cmd_logs(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from netlab.export import export_k8s
+
+    res = export_k8s(a.topology, a.output, a.datapath)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    objs = ", ".join(f"{n} {k}" for k, n in sorted(res.objects.items()))
+    print(f"exported {res.topology} for Istio {res.istio} ({res.datapath}), Kubernetes {res.kubernetes}, to {res.directory}:")
+    print(f"  {objs}")
+    print(f"  files: {', '.join(res.files)}")
+    print(f"next: {res.directory}/install.sh (needs docker, kind, kubectl and a network), then {res.directory}/check.sh")
+    return 0
+
+
+EXPORT_K8S_HELP = """\
+Write the topology's scenario for a real Kubernetes cluster with Istio, pinned to the release of
+the datapath (istio-1.18: Istio 1.18.2; inpod: Istio 1.30.3), into DIR:
+
+  k8s.yaml     Namespaces (with their labels), ServiceAccounts, one Deployment per pod pinned to
+               its node (nodeSelector kubernetes.io/hostname), Services; built-in apps run the
+               release's Istio sample images, pods with a `command` a placeholder image
+  istio.yaml   waypoints as that release expects them, policies as AuthorizationPolicy
+  kind.yaml    a kind cluster whose workers carry the topology's node names (kubernetes.io/hostname)
+  install.sh   creates the cluster, installs Istio with the ambient profile, applies the objects
+  check.sh     sends each path's request with kubectl exec and prints, per hop of the path's
+               contract, the tcpdump command that shows it on that node
+  README.md    what needs a network, what it reproduces, what differs from the lab
+
+Exporting needs no root and no network; install.sh needs both docker and a network.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="netlab",
@@ -352,6 +385,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "4-tuple, the original destination, the upstream 4-tuple (tcp or hbone), identities, bytes, outcome")
     s.add_argument("--json", action="store_true", help="with --conn: the legs as JSON")
     s.set_defaults(func=cmd_logs)
+
+    from netlab.export.releases import DATAPATHS, DEFAULT_DATAPATH
+
+    s = sub.add_parser("export", help="write a topology for a real cluster: `netlab export k8s TOPOLOGY -o DIR`",
+                       description="Hand a lab's scenario to a real cluster. TARGET: k8s (Kubernetes + Istio, on kind).")
+    esub = s.add_subparsers(dest="target", metavar="TARGET", required=True)
+    k = esub.add_parser("k8s", help="Kubernetes objects, a kind cluster file, install.sh and check.sh",
+                        description=EXPORT_K8S_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="examples:\n  netlab export k8s ambient-to-sidecar -o s1-k8s && s1-k8s/install.sh && s1-k8s/check.sh\n"
+                               "  netlab export k8s sidecar-to-ambient --datapath inpod -o s2-current")
+    k.add_argument("topology", help="a name from topologies/ (see `netlab list`) or a path to a YAML file")
+    k.add_argument("--datapath", choices=DATAPATHS, default=None,
+                   help=f"which Istio release to pin: istio-1.18 = 1.18.2 (node Geneve tunnels, the lab's), "
+                        f"inpod = 1.30.3 (in-pod redirection); default {DEFAULT_DATAPATH}")
+    k.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write (created if missing)")
+    k.add_argument("--json", action="store_true", help="print {directory, topology, datapath, istio, kubernetes, files, objects}")
+    k.set_defaults(func=cmd_export)
     return p
 
 
@@ -361,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
-    needs_root = a.command not in ("plan", "list") and not (a.command == "diagram" and not a.trace)
+    needs_root = a.command not in ("plan", "list", "export") and not (a.command == "diagram" and not a.trace)
     if needs_root and os.geteuid() != 0 and a.command != "doctor":
         print(f"netlab {a.command}: needs root (network namespaces, iptables); run with sudo", file=sys.stderr)
         return 1

@@ -43,7 +43,7 @@ from netlab.plan.types import (
     ServiceInfo,
     Sysctl,
 )
-from netlab.topology.model import Topology
+from netlab.topology.model import Pod, Topology
 
 Tunnel = Literal["kernel", "userspace"]
 FABRIC_BRIDGE = "br0"
@@ -51,6 +51,12 @@ NODE_UPLINK = "eth0"
 NODE_IPV6_OFF = "net.ipv6.conf.default.disable_ipv6"  # written before the node's devices exist
 POD_IF = "eth0"
 DEFAULT_APP_PORTS = {"httpbin": (80,), "helloworld": (5000,), "sink": (9000,), "echo": (9001,)}
+BUILTIN_PROGRAMS = ("httpbin", "helloworld", "sink", "echo")  # apps with a program in netlab.apps
+# The pod's user, for a pod's own program (``command``): nobody:nogroup, as for a container image
+# whose USER is nobody. netlab runs as root and a topology file may come from anyone, so what it
+# names runs with no capability and no file of root's; in exchange the pod's netns lets unprivileged
+# users bind ports below 1024, as containerd 2.0 does for every pod (enable_unprivileged_ports).
+POD_UID = POD_GID = 65534
 KUBE_SERVICES = "KUBE-SERVICES"
 
 
@@ -104,6 +110,7 @@ class _Builder:
         self.objs: dict[str, list[Any]] = {s: [] for s in Plan.SECTIONS}
         self._netns_names: dict[str, str] = {}
         self._keys: dict[str, Any] = {}
+        self._commands = {f"{p.namespace}/{p.name}": p for p in topo.pods if p.command is not None}
 
     # ---- helpers ----
     def add(self, objs: Iterable[Any]) -> None:
@@ -327,8 +334,21 @@ class _Builder:
                 self.add([Process(name=f"{p.name}.{p.namespace}-sidecar", netns=p.netns, kind="sidecar", ref=p.ref,
                                   argv=("netlab.mesh.sidecar", "--lab", self.lab, "--pod", p.ref),
                                   uid=istio.PROXY_UID, gid=istio.PROXY_GID)])
-            if p.app in ("httpbin", "helloworld", "sink", "echo") and p.mode not in ("ztunnel", "waypoint"):
+            own = self._commands.get(p.ref)
+            if own is not None:
+                self.add([self._own_program(p, own)])
+            elif p.app in BUILTIN_PROGRAMS and p.mode not in ("ztunnel", "waypoint"):
                 argv: list[str] = [f"netlab.apps.{p.app}", "--name", p.name]
                 for port in p.ports:
                     argv += ["--port", str(port)]
                 self.add([Process(name=f"{p.name}.{p.namespace}", netns=p.netns, kind="app", argv=tuple(argv), ref=p.ref)])
+
+    def _own_program(self, p: PodInfo, pod: Pod) -> Process:
+        """A pod's ``command``: run as it is, as the pod's user, with the pod's /etc/hosts, and
+        ready when its readiness probe answers (see Process)."""
+        self.add([Sysctl(netns=p.netns, key_name="net.ipv4.ip_unprivileged_port_start", value="0")])
+        r = pod.readiness
+        return Process(name=f"{p.name}.{p.namespace}", netns=p.netns, kind="app", argv=tuple(pod.command or ()),
+                       uid=POD_UID, gid=POD_GID, ref=p.ref, run="exec", netns_etc=True,
+                       ready_port=r.port if r else 0, ready_path=(r.path or "") if r else "",
+                       ready_hosts=("127.0.0.1", p.ip) if r else ())

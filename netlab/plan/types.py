@@ -184,7 +184,11 @@ class File:
 
 @dataclass(frozen=True)
 class Process:
-    """A supervised program. ``argv[0]`` is a Python module run as ``python -m``."""
+    """A supervised program. With ``run="module"``, ``argv[0]`` is a Python module run as
+    ``python -m`` and the program says it is ready with a JSON ready line; with ``run="exec"``
+    (a pod's own ``command``), ``argv`` is executed as it is, and it is ready when the probe on
+    ``ready_port`` (``ready_path``: HTTP) answers from one of ``ready_hosts``, or, without a
+    probe, when it is still alive a moment after it started."""
 
     name: str  # component id used by `netlab logs`, e.g. "ztunnel-node-a"
     netns: str
@@ -193,6 +197,11 @@ class Process:
     uid: int = 0
     gid: int = 0
     ref: str = ""  # topology object, e.g. "bar/httpbin"
+    run: Literal["module", "exec"] = "module"
+    netns_etc: bool = False  # the pod's /etc/netns/<netns>/hosts as the program's /etc/hosts
+    ready_port: int = 0
+    ready_path: str = ""
+    ready_hosts: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:

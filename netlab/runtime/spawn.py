@@ -17,6 +17,11 @@ namespace in which every file under ``/etc/netns/<netns>/`` is bind-mounted over
 in ``/etc`` (so ``/etc/netns/<netns>/hosts`` becomes that process's ``/etc/hosts``), and
 ``/sys`` is remounted to describe the namespace.
 
+``run="exec"`` (a pod's own ``command``) execs ``argv`` as it is, with a small fixed environment
+(PATH, HOME, LANG, POD_NAME, POD_NAMESPACE: the root caller's variables are not handed to a
+program a topology file named) and ``no_new_privs`` set, so a setuid binary cannot take back what
+the drop to the pod's user gave away.
+
 Dropping to ``uid``/``gid`` (sidecars run as 1337:1337) happens after ``setns``, which needs
 root. If that user cannot read the interpreter (on the dev VM Python lives under a 0700
 ``/root``), the child keeps CAP_DAC_READ_SEARCH as an *ambient* capability so it can still
@@ -42,6 +47,8 @@ CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REC, MS_SLAVE, MS_RDONLY = 4096, 16384, 1 << 19, 1
 MNT_DETACH = 2
 PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 8, 47, 2
+PR_SET_NO_NEW_PRIVS = 38
+EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 CAPS = {"CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12,
@@ -78,6 +85,10 @@ class ProcSpec:
     env: tuple[tuple[str, str], ...] = ()
     caps: tuple[str, ...] = ()  # ambient capabilities to keep after dropping to uid
     ready_timeout: float = 30.0
+    run: Literal["module", "exec"] = "module"  # python -m argv[0] ... | argv as it is (own program)
+    ready_port: int = 0  # run="exec": probe this port (ready_path: HTTP GET) from ready_hosts
+    ready_path: str = ""
+    ready_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_any(cls, p: Any) -> "ProcSpec":
@@ -93,6 +104,7 @@ class ProcSpec:
         env = d.get("env") or ()
         d["env"] = tuple(sorted(env.items())) if isinstance(env, Mapping) else tuple(tuple(e) for e in env)
         d["caps"] = tuple(d.get("caps") or ())
+        d["ready_hosts"] = tuple(d.get("ready_hosts") or ())
         spec = cls(**d)
         spec.validate()
         return spec
@@ -101,7 +113,13 @@ class ProcSpec:
         if not self.name or "/" in self.name or self.name in ("supervisor", ".", ".."):
             raise ValueError(f"bad process name {self.name!r}")
         if not self.argv:
-            raise ValueError(f"process {self.name!r}: empty argv (argv[0] must be a Python module)")
+            raise ValueError(f"process {self.name!r}: empty argv")
+        if self.run not in ("module", "exec"):
+            raise ValueError(f"process {self.name!r}: run must be 'module' or 'exec'")
+        if self.run == "exec" and self.exec_mode != "setns":
+            raise ValueError(f"process {self.name!r}: run='exec' needs exec_mode 'setns'")
+        if not 0 <= self.ready_port <= 65535 or (self.ready_port and not self.ready_hosts):
+            raise ValueError(f"process {self.name!r}: ready_port needs 1..65535 and ready_hosts")
         if self.exec_mode not in ("setns", "ip-netns-exec"):
             raise ValueError(f"process {self.name!r}: exec_mode must be 'setns' or 'ip-netns-exec'")
         if self.exec_mode == "ip-netns-exec" and (self.uid or self.gid or not self.netns):
@@ -118,6 +136,8 @@ class ProcSpec:
         return d
 
     def command(self) -> list[str]:
+        if self.run == "exec":
+            return list(self.argv)
         cmd = [sys.executable, "-m", *self.argv]
         if self.exec_mode == "ip-netns-exec":
             return ["ip", "netns", "exec", self.netns, *cmd]
@@ -212,6 +232,8 @@ def make_preexec(spec: ProcSpec, caps: tuple[str, ...], parent_pid: int) -> Any:
                     _mount_netns_etc(spec.netns)
             if spec.uid or spec.gid:
                 _drop_privileges(spec.uid, spec.gid, caps)
+            if spec.run == "exec":
+                _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
             # Last, because credential changes reset it: if the supervisor dies (even by
             # SIGKILL) its children get SIGTERM instead of running on unsupervised.
             _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
@@ -227,6 +249,12 @@ def make_preexec(spec: ProcSpec, caps: tuple[str, ...], parent_pid: int) -> Any:
 def child_env(spec: ProcSpec, lab: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     import netlab
 
+    if spec.run == "exec":  # a pod's own program: nothing of the caller's environment
+        pod_ns, _, pod = spec.ref.partition("/")
+        env = {"PATH": EXEC_PATH, "HOME": "/", "LANG": "C.UTF-8", "POD_NAME": pod, "POD_NAMESPACE": pod_ns,
+               "NETLAB_LAB": lab, "NETLAB_PROC": spec.name, "NETLAB_NETNS": spec.netns}
+        env.update(dict(spec.env))
+        return env
     env = dict(os.environ if base is None else base)
     root = str(Path(list(netlab.__path__)[0]).parent)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])

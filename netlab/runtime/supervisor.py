@@ -16,7 +16,8 @@ exponential backoff). Everything a client needs is in files under DIR, written a
 
 The daemon is single-threaded on purpose: ``preexec_fn`` (setns, mounts, privilege drop) is
 only safe to run after fork in a process without other threads. Readiness is the first line
-of the log, after the spawn, that is JSON with ``"event": "ready"``.
+of the log, after the spawn, that is JSON with ``"event": "ready"``; a pod's own program
+(``run="exec"``) is probed from outside instead (``netlab.runtime.probe``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from netlab.runtime import procfs
+from netlab.runtime.logs import last_lines as _log_tail
+from netlab.runtime.probe import ReadyCheck, is_ready_line
 from netlab.runtime.spawn import ProcSpec, needs_read_search, spawn
 
 BACKOFF = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)  # delay before the Nth consecutive restart
@@ -71,13 +74,10 @@ def log_path(state_dir: str | Path, name: str) -> Path:
 
 
 def last_lines(path: Path, n: int = 15) -> str:
-    from netlab.runtime.logs import last_lines as _ll
-
-    return "\n".join(_ll(path, n))
+    return "\n".join(_log_tail(path, n))
 
 
-def _now() -> float:
-    return time.monotonic()
+_now = time.monotonic
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +107,7 @@ class Child:
     scan_offset: int = 0
     partial: bytes = b""
     since: float = field(default_factory=time.time)
+    check: ReadyCheck | None = None  # run="exec": the readiness probe of the current spawn
 
     def record(self) -> dict[str, Any]:
         return {"pid": self.pid, "starttime": self.starttime, "restarts": self.restarts,
@@ -124,7 +125,8 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         for s in specs:
             caps = tuple(s.caps)
-            if (s.uid or s.gid) and "CAP_DAC_READ_SEARCH" not in caps and needs_read_search(s.uid, s.gid):
+            # (never for a pod's own program: it would let the pod's user read any file)
+            if s.run == "module" and (s.uid or s.gid) and "CAP_DAC_READ_SEARCH" not in caps and needs_read_search(s.uid, s.gid):
                 caps += ("CAP_DAC_READ_SEARCH",)
                 self.say("note", name=s.name, msg=f"uid {s.uid} cannot read the interpreter; "
                                                    "keeping ambient CAP_DAC_READ_SEARCH")
@@ -154,8 +156,7 @@ class Supervisor:
             c.scan_offset, c.partial = os.fstat(fd).st_size, b""
             c.proc = spawn(c.spec, self.lab, fd, c.caps)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
-            c.proc, c.pid, c.starttime = None, None, None
-            c.last_error = f"spawn failed: {e}"
+            c.proc, c.pid, c.starttime, c.last_error = None, None, None, f"spawn failed: {e}"
             self.say("spawn-failed", name=c.spec.name, error=str(e))
             self._schedule_restart(c)
             return
@@ -163,6 +164,7 @@ class Supervisor:
             os.close(fd)
         c.pid, c.starttime = c.proc.pid, procfs.starttime(c.proc.pid)
         c.state, c.spawned_at, c.ready_at, c.since = "starting", _now(), None, time.time()
+        c.check = ReadyCheck(c.spec, c.spawned_at) if c.spec.run == "exec" else None
         self.say("spawn", name=c.spec.name, pid=c.pid, netns=c.spec.netns)
         self.dirty = True
 
@@ -179,6 +181,8 @@ class Supervisor:
             os.killpg(c.pid, signal.SIGKILL)  # leftovers the app forked
         self.say("exit", name=c.spec.name, pid=c.pid, status=c.last_exit)
         c.proc, c.kill_at = None, None
+        if c.check is not None:
+            c.check.close()
         if self.stopping:
             c.state = "stopped"
         elif c.want_restart:
@@ -193,7 +197,11 @@ class Supervisor:
         self.dirty = True
 
     def scan_ready(self, c: Child) -> None:
-        """Read what the child wrote since spawn, looking for the ready line."""
+        """Read what the child wrote since spawn, looking for the ready line (or probe it)."""
+        if c.check is not None:
+            if c.check.poll(_now()):
+                self._ready(c)
+            return
         try:
             with open(c.log, "rb") as f:
                 f.seek(c.scan_offset)
@@ -203,13 +211,13 @@ class Supervisor:
         c.scan_offset += len(data)
         lines = (c.partial + data).split(b"\n")
         c.partial = lines.pop()[-65536:]
-        for line in lines:
-            if is_ready_line(line):
-                c.state, c.ready_at, c.ever_ready, c.last_error = "running", _now(), True, None
-                self.say("ready", name=c.spec.name, pid=c.pid,
-                         ms=round((c.ready_at - c.spawned_at) * 1000, 1))
-                self.dirty = True
-                return
+        if any(is_ready_line(line) for line in lines):
+            self._ready(c)
+
+    def _ready(self, c: Child) -> None:
+        c.state, c.ready_at, c.ever_ready, c.last_error = "running", _now(), True, None
+        self.say("ready", name=c.spec.name, pid=c.pid, ms=round((c.ready_at - c.spawned_at) * 1000, 1))
+        self.dirty = True
 
     def request_restart(self, c: Child) -> None:
         if c.proc is None:  # waiting in backoff: just start now
@@ -286,7 +294,8 @@ class Supervisor:
             if c.state == "starting" and c.proc is not None:
                 self.scan_ready(c)
                 if c.state == "starting" and now - c.spawned_at > c.spec.ready_timeout:
-                    c.last_error = f"not ready within {c.spec.ready_timeout:g}s"
+                    c.last_error = f"not ready within {c.spec.ready_timeout:g}s" + (
+                        f" (readiness probe: {c.check.last_error})" if c.check and c.check.last_error else "")
                     self.say("ready-timeout", name=c.spec.name, pid=c.pid)
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(c.pid, signal.SIGKILL)
@@ -324,17 +333,6 @@ class Supervisor:
             c.state = "stopped"
         self.write_state()
         self.say("stopped")
-
-
-def is_ready_line(line: bytes) -> bool:
-    line = line.strip()
-    if not line.startswith(b"{") or b"ready" not in line:
-        return False
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return False
-    return isinstance(obj, dict) and obj.get("event") == "ready"
 
 
 def load_specs(path: str | Path) -> list[ProcSpec]:

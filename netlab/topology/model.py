@@ -11,7 +11,7 @@ import ipaddress
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from netlab import istio
 
@@ -19,6 +19,7 @@ from netlab import istio
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 IFNAMSIZ = 15  # Linux interface names are at most 15 characters
 KNOWN_APPS = ("httpbin", "helloworld", "sleep", "sink", "echo")
+MAX_ARGV, MAX_ARG_LEN = 256, 4096  # an own program's command: bounded, like a container's args
 
 
 def _check_label(v: str, what: str, max_len: int = 63) -> str:
@@ -61,6 +62,30 @@ class Namespace(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
+class Readiness(_Model):
+    """When an own program (``command``) is serving: ``up`` waits until a TCP connect to ``port``
+    succeeds from inside the pod (to 127.0.0.1, else the pod's IP), and with ``path`` until an HTTP
+    GET of it answers 200-399, the success range of a Kubernetes ``httpGet`` probe."""
+
+    port: StrictInt
+    path: str | None = Field(default=None, description="HTTP path to GET, e.g. /healthz; leave out for a TCP check")
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 1 <= v <= 65535:
+            raise ValueError(f"port {v} is outside 1..65535")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        # it goes into a request line: visible ASCII only, no spaces, bounded
+        if v is not None and not re.fullmatch(r"/[\x21-\x7e]{0,1023}", v):
+            raise ValueError(f"path {v[:60]!r} must start with '/' and hold at most 1024 visible ASCII characters, no spaces")
+        return v
+
+
 class Pod(_Model):
     name: str
     namespace: str
@@ -71,11 +96,42 @@ class Pod(_Model):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     version: str = "v1"
+    # validate_default: the check that a pod runs *some* program needs to run when command is left out
+    command: list[str] | None = Field(default=None, validate_default=True,
+                                      description="your own program: argv run in the pod's netns as the pod's user "
+                                                  "(docs: README 'Your own programs')")
+    readiness: Readiness | None = Field(default=None, validate_default=True,
+                                        description="what `up` waits for before it calls the program ready")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return _check_label(v, "pod name")
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if v is None:
+            app = info.data.get("app")
+            if app is not None and app not in KNOWN_APPS:
+                raise ValueError(f"required: app {app!r} is not a built-in program ({', '.join(KNOWN_APPS)}); "
+                                 "say what the pod runs with command: [argv ...]")
+            return v
+        if not v or not v[0]:
+            raise ValueError("must be a non-empty list: [program, arg ...]")
+        if len(v) > MAX_ARGV:
+            raise ValueError(f"has {len(v)} arguments; at most {MAX_ARGV} allowed")
+        for i, a in enumerate(v):
+            if "\0" in a or len(a) > MAX_ARG_LEN:
+                raise ValueError(f"argument {i} must be at most {MAX_ARG_LEN} characters without NUL")
+        return v
+
+    @field_validator("readiness")
+    @classmethod
+    def _readiness(cls, v: Readiness | None, info: ValidationInfo) -> Readiness | None:
+        if v is not None and info.data.get("command") is None:
+            raise ValueError("needs a command (the built-in apps announce readiness themselves)")
+        return v
 
     @field_validator("ports")
     @classmethod
