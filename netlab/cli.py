@@ -1,7 +1,9 @@
 """`netlab` command line: a thin shell over :class:`netlab.lab.Lab`.
 
 Every failure the user can cause ends as one line on stderr and a non-zero status (2 for bad
-input, 1 for wrong lab state, 3 for a missing kernel feature); tracebacks are for bugs only.
+input, 1 for wrong lab state, 3 for a missing kernel feature). Anything else is a bug: one line
+too, exit 1, and the traceback only with ``--debug`` (a hostile file must not be able to print
+thousands of lines into someone's terminal or log).
 """
 
 from __future__ import annotations
@@ -272,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Istio 1.18 ambient & sidecar datapath, rebuilt in Linux network namespaces: "
                     "real veths, Geneve tunnels, iptables marks, policy routes and proxies you can trace hop by hop.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def lab_opt(sp: argparse.ArgumentParser) -> None:
@@ -402,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-o", "--output", required=True, metavar="DIR", help="directory to write (created if missing)")
     k.add_argument("--json", action="store_true", help="print {directory, topology, datapath, istio, kubernetes, files, objects}")
     k.set_defaults(func=cmd_export)
+    for sp in sub.choices.values():  # `netlab up x --debug` as well as `netlab --debug up x`
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -418,13 +423,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.func(a)
     except NetlabError as e:
-        print(f"netlab {a.command}: {e}", file=sys.stderr)
+        if a.debug:
+            raise
+        print(f"netlab {a.command}: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"netlab {a.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # a bug (or a RecursionError, MemoryError): one line unless --debug
+        if a.debug:
+            raise
+        print(f"netlab {a.command}: internal error: {type(e).__name__}: {_one_line(str(e), 200)} "
+              f"(a bug; `netlab --debug {a.command} ...` shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(text: str, limit: int = 2000) -> str:
+    """An error message as one line of printable text, whatever the user's input put into it."""
+    text = " | ".join(part for part in text.splitlines() if part.strip()) or text
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + ".."
 
 
 if __name__ == "__main__":

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from netlab.errors import KernelFeatureError, LabStateError, NetlabError, UsageError
+from netlab.names import BadName, check_lab_name
 from netlab.plan.types import Plan, PodInfo
 
 Progress = Callable[[str, int, int], None]
-_LAB_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
 
 
 def run_dir() -> Path:
@@ -72,9 +72,11 @@ class Lab:
 
         path = resolve(topology)
         topo = load_topology(path)
-        lab = name or topo.name
-        if not _LAB_NAME.match(lab):
-            raise UsageError(f"lab name {lab!r}: use 1-40 lowercase letters, digits and '-'")
+        lab = topo.name if name is None else name  # an empty --name is an error, not the topology's name
+        try:
+            check_lab_name(lab)
+        except BadName as e:
+            raise UsageError(str(e)) from None
         if lab in cls.running():
             raise LabStateError(f"lab {lab!r} is already up (see `netlab status {lab}`, or `netlab down {lab}` first)")
         mode = choose_tunnel(tunnel)

@@ -32,7 +32,7 @@ DEFAULT_RUN_DIR = "/run/netlab"
 LEDGER = "ledger.jsonl"
 PLAN = "plan.json"
 LOCK = "lock"
-_LAB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from netlab.names import LAB_NAME_RE as _LAB_RE  # the one lab-name rule (full match, netlab/names.py)
 
 
 class LabExistsError(FileExistsError):

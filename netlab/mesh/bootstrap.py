@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netlab import istio
-from netlab.mesh.ca import LabCA
+from netlab.mesh.ca import CERTS_DIR, LabCA
 from netlab.mesh.registry import Registry, build_registry
+from netlab.names import cert_dir_name
 from netlab.plan.types import Plan
 
 REGISTRY_FILE = "registry.json"
@@ -71,9 +72,8 @@ class MeshContext:
         return self.state_dir / CA_DIR / "ca-cert.pem"
 
     def cert_for(self, identity: str) -> tuple[Path, Path]:
-        """(cert, key) of an identity issued at ``up`` (same layout as ``LabCA.leaf_dir``)."""
-        td, _, rest = identity[len("spiffe://"):].partition("/")
-        leaf = self.state_dir / CA_DIR / "certs" / f"{td}_{rest.replace('/', '_')}"
+        """(cert, key) of an identity issued at ``up`` (the directory ``LabCA.leaf_dir`` names)."""
+        leaf = self.state_dir / CA_DIR / CERTS_DIR / cert_dir_name(identity)
         cert, key = leaf / "cert.pem", leaf / "key.pem"
         if not cert.exists():
             raise FileNotFoundError(f"no certificate issued for {identity} (expected {cert})")

@@ -10,7 +10,7 @@ Files live under the lab state directory so every proxy process of a lab (ztunne
 waypoints) shares the same trust root without talking to each other::
 
     <dir>/ca-cert.pem  <dir>/ca-key.pem
-    <dir>/certs/<td>_ns_<ns>_sa_<sa>/cert.pem, key.pem
+    <dir>/certs/<td>_ns_<ns>_sa_<sa>/cert.pem, key.pem   (netlab.names.cert_dir_name: one-to-one)
 
 ``issue`` is idempotent and safe against concurrent callers in other processes: a leaf is written
 into a private temporary directory and published with one atomic ``rename``; a loser of the race
@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from netlab.istio import TRUST_DOMAIN, spiffe_id
+from netlab.names import BadName, cert_dir_name
 
 __all__ = ["LabCA", "CAError", "uri_sans", "trust_domain_of", "spiffe_id"]
 
@@ -185,10 +186,12 @@ class LabCA:
         return self.dir / CA_CERT_FILE
 
     def leaf_dir(self, identity: str) -> Path:
-        td = trust_domain_of(identity)
-        rest = identity[len(SPIFFE_SCHEME) + len(td) + 1 :]
-        # k8s names never contain "_" so the mapping is injective for ns/sa identities
-        return self.dir / CERTS_DIR / f"{td}_{rest.replace('/', '_')}"
+        """Where ``identity``'s leaf lives: one directory per identity, never shared (cert_dir_name)."""
+        trust_domain_of(identity)
+        try:
+            return self.dir / CERTS_DIR / cert_dir_name(identity)
+        except BadName as e:
+            raise CAError(str(e)) from None
 
     # --- issuing ------------------------------------------------------------------------------
     def issue(self, identity: str, strict: bool = True) -> tuple[Path, Path]:

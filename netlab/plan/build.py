@@ -22,13 +22,13 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from netlab import istio
-from netlab.errors import TopologyError
-from netlab.plan import ambient, sidecar
+from netlab import istio, names
+from netlab.errors import TopologyError, UsageError
+from netlab.plan import addresses, ambient, sidecar
 from netlab.plan.types import (
     Address,
-    HopInfo,
     File,
+    HopInfo,
     IptChain,
     IptRule,
     Link,
@@ -75,7 +75,11 @@ def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "user
                mesh: bool = True) -> Plan:
     """``mesh=False`` leaves out the proxies (ztunnel, sidecars, waypoints) but keeps every rule:
     datapath tests put their own listeners where the proxies would be."""
-    lab = lab or topo.name
+    lab = topo.name if lab is None else lab  # an empty --name is an error, not the topology's name
+    try:
+        names.check_lab_name(lab)
+    except names.BadName as e:
+        raise UsageError(str(e)) from None
     b = _Builder(topo, lab, tunnel, mesh)
     try:
         b.build()
@@ -133,6 +137,10 @@ class _Builder:
 
     def netns(self, suffix: str, role: str, ref: str) -> str:
         name = f"{self.lab}-{suffix}"
+        try:  # /run/netns/<name> and /etc/netns/<name>/: validated parts make it fit; say so if not
+            names.check_file_name(name, f"netns name of {ref}")
+        except names.BadName as e:
+            raise TopologyError(str(e)) from None
         if name in self._netns_names:
             raise TopologyError(f"netns name {name!r} would be used by both {self._netns_names[name]} and {ref}; rename one")
         self._netns_names[name] = ref
@@ -141,8 +149,6 @@ class _Builder:
 
     # ---- stages ----
     def build(self) -> None:
-        if len(self.lab) > 40:
-            raise TopologyError(f"lab name {self.lab!r} is longer than 40 characters")
         self.fabric = self.netns("fabric", "fabric", "fabric")
         self.add([Link(netns=self.fabric, name=FABRIC_BRIDGE, kind="bridge", mac=mac_for(self.lab, "br0"))])
         # The fabric is the wire between nodes, a plain switch. Where br_netfilter is loaded (Docker
@@ -160,25 +166,20 @@ class _Builder:
         self._processes()
 
     def _nodes(self) -> None:
+        nodes = self.t.nodes
         fabric = ipaddress.IPv4Network(self.t.network.fabric)
-        if len(self.t.nodes) + 2 > fabric.num_addresses:
-            raise TopologyError(f"network.fabric {fabric} is too small for {len(self.t.nodes)} nodes")
-        self._pool: dict[str, Iterable[ipaddress.IPv4Address]] = {}
-        cidrs: dict[str, ipaddress.IPv4Network] = {}
-        for i, n in enumerate(self.t.nodes, start=1):
-            cidr = ipaddress.IPv4Network(n.podCidr) if n.podCidr else ipaddress.IPv4Network(f"10.0.{i % 256}.0/24")
-            for other, oc in cidrs.items():
-                if cidr.overlaps(oc):
-                    raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps node {other}'s {oc}")
-            if cidr.overlaps(fabric):
-                raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps network.fabric {fabric}")
-            svc_cidr = ipaddress.IPv4Network(self.t.network.serviceCidr)
-            if cidr.overlaps(svc_cidr):
-                raise TopologyError(f"nodes[{i - 1}].podCidr: {cidr} overlaps network.serviceCidr {svc_cidr}")
-            cidrs[n.name] = cidr
-            hosts = cidr.hosts()
-            host_ip = next(hosts)
-            self._pool[n.name] = hosts
+        if fabric.prefixlen > addresses.fabric_prefix_for(len(nodes)):
+            raise TopologyError(f"network.fabric {fabric} is too small for {len(nodes)} nodes (at .2 to .{len(nodes) + 1}, "
+                                f"below the broadcast address): use /{addresses.fabric_prefix_for(len(nodes))} or larger")
+        cidrs = [ipaddress.IPv4Network(n.podCidr) if n.podCidr else ipaddress.IPv4Network(f"10.0.{i % 256}.0/24")
+                 for i, n in enumerate(nodes, start=1)]
+        addresses.check_disjoint([
+            *((f"nodes[{i}].podCidr" + ("" if n.podCidr else " (default)"), c) for i, (n, c) in enumerate(zip(nodes, cidrs))),
+            ("network.fabric", fabric), ("network.serviceCidr", ipaddress.IPv4Network(self.t.network.serviceCidr))])
+        self._pool: dict[str, addresses.AddressPool] = {}
+        for i, (n, cidr) in enumerate(zip(nodes, cidrs), start=1):
+            pool = self._pool[n.name] = addresses.AddressPool(cidr)
+            host_ip = pool.take()
             ip = fabric.network_address + i + 1
             ns = self.netns(n.name, "node", n.name)
             self.nodes.append(NodeInfo(name=n.name, netns=ns, ip=str(ip), pod_cidr=str(cidr), host_ip=str(host_ip)))
@@ -194,11 +195,10 @@ class _Builder:
             ])
 
     def _alloc(self, node: str, what: str) -> str:
-        try:
-            return str(next(self._pool[node]))  # type: ignore[call-overload]
-        except StopIteration:
-            n = self.t.nodes[[x.name for x in self.t.nodes].index(node)]
-            raise TopologyError(f"node {node}: pod CIDR {n.podCidr or 'default /24'} has no address left for {what}") from None
+        a = self._pool[node].take()
+        if a is None:
+            raise TopologyError(f"node {node}: pod CIDR {self._pool[node].net} has no address left for {what}")
+        return str(a)
 
     def _pod(self, *, name: str, namespace: str, node: str, mode: str, app: str, sa: str,
              ports: tuple[int, ...], labels: dict[str, str]) -> PodInfo:
@@ -244,8 +244,8 @@ class _Builder:
 
     def _services(self) -> None:
         svc_cidr = ipaddress.IPv4Network(self.t.network.serviceCidr)
-        vips = iter(list(svc_cidr.hosts())[9:])  # automatic VIPs start at .10, like the lab's docs say
-        taken = {s.clusterIP for s in self.t.services if s.clusterIP}
+        taken = frozenset(ipaddress.IPv4Address(s.clusterIP) for s in self.t.services if s.clusterIP)
+        vips = addresses.AddressPool(svc_cidr, first=10, taken=taken)  # automatic VIPs start at .10, like the lab's docs say
         seen: dict[tuple[str, int], str] = {}
         for i, s in enumerate(self.t.services):
             vip = s.clusterIP
@@ -253,13 +253,12 @@ class _Builder:
                 a = ipaddress.IPv4Address(vip)
                 if a not in svc_cidr or a in (svc_cidr.network_address, svc_cidr.broadcast_address):
                     raise TopologyError(f"services[{i}].clusterIP: {vip} is not a usable address of network.serviceCidr {svc_cidr}")
-            while vip is None:
-                try:
-                    cand = str(next(vips))
-                except StopIteration:
+            if vip is None:
+                auto = vips.take()
+                if auto is None:
                     raise TopologyError(f"services[{i}] ({s.namespace}/{s.name}): network.serviceCidr {svc_cidr} "
-                                        "has no address left for a VIP") from None
-                vip = cand if cand not in taken else None
+                                        "has no address left for a VIP")
+                vip = str(auto)
             if (vip, s.port) in seen:
                 raise TopologyError(f"services[{i}] ({s.namespace}/{s.name}): {vip}:{s.port} is already used by {seen[vip, s.port]}")
             seen[vip, s.port] = f"{s.namespace}/{s.name}"

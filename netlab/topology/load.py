@@ -9,7 +9,10 @@ import yaml
 from pydantic import ValidationError
 
 from netlab.errors import TopologyError
+from netlab.topology import yaml_input
 from netlab.topology.model import Topology
+
+MAX_FILE_BYTES = 16 << 20  # a 1,000-pod topology is about 100 KiB
 
 _FRIENDLY = {
     "extra_forbidden": "unknown key",
@@ -39,7 +42,11 @@ def available() -> list[tuple[str, str]]:
 def resolve(ref: str | os.PathLike[str]) -> Path:
     """A topology name from ``topologies/`` or a path to a YAML file."""
     p = Path(ref)
+    if str(ref) == "":
+        raise TopologyError("TOPOLOGY is empty: give a name from `netlab list` or a path to a YAML file")
     if p.suffix in (".yaml", ".yml") or os.sep in str(ref):
+        if p.is_dir():
+            raise TopologyError(f"{p}: is a directory, not a topology file")
         if not p.is_file():
             raise TopologyError(f"{p}: no such topology file")
         return p
@@ -48,18 +55,14 @@ def resolve(ref: str | os.PathLike[str]) -> Path:
         return named
     if p.is_file():
         return p
+    if p.is_dir():
+        raise TopologyError(f"{p}: is a directory, not a topology file (and not one of the names of `netlab list`)")
     names = ", ".join(n for n, _ in available()) or "none"
     raise TopologyError(f"{ref}: no such topology (not a file, and not one of: {names})")
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + _printable(str(part))
-    return out or "(top level)"
+    return yaml_input.field_path(p if isinstance(p, int) else str(p) for p in loc) or "(top level)"
 
 
 def _printable(text: str, limit: int = 60) -> str:
@@ -71,9 +74,16 @@ def _printable(text: str, limit: int = 60) -> str:
 def load_topology(ref: str | os.PathLike[str]) -> Topology:
     path = resolve(ref)
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise TopologyError(f"{path}: larger than {MAX_FILE_BYTES >> 20} MiB; not a topology")
+        data = yaml_input.load(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise TopologyError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+    except yaml_input.YamlInputError as e:
+        where = f":{e.mark.line + 1}:{e.mark.column + 1}" if e.mark else ""
+        raise TopologyError(f"{path}{where}: {e.field or '(top level)'}: {e.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -93,4 +103,4 @@ def load_topology(ref: str | os.PathLike[str]) -> Topology:
         elif err["type"] not in _FRIENDLY and "input" in err and not isinstance(err["input"], (dict, list)):
             msg = f"{msg} (got {_printable(repr(err['input']))})"
         more = f" (+{e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise TopologyError(f"{path}: {_loc(err['loc'])}: {_printable(msg, 200)}{more}") from None
+        raise TopologyError(f"{path}: {_loc(err['loc'])}: {_printable(msg, 300)}{more}") from None

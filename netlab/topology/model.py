@@ -11,23 +11,30 @@ import ipaddress
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from netlab import istio
+from netlab.names import (
+    IFNAMSIZ,
+    LAB_NAME_MAX,
+    NAME_MAX,
+    BadName,
+    cert_dir_name,
+    check_label,
+    check_subdomain,
+    shown,
+)
 
-# Names that end up in `ip netns` names and interface names: keep them DNS-label-like.
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
-IFNAMSIZ = 15  # Linux interface names are at most 15 characters
 KNOWN_APPS = ("httpbin", "helloworld", "sleep", "sink", "echo")
 MAX_ARGV, MAX_ARG_LEN = 256, 4096  # an own program's command: bounded, like a container's args
-
-
-def _check_label(v: str, what: str, max_len: int = 63) -> str:
-    if not _LABEL.match(v):
-        raise ValueError(f"{what} {v!r} must be lowercase letters, digits and '-', starting and ending alphanumeric")
-    if len(v) > max_len:
-        raise ValueError(f"{what} {v!r} is {len(v)} characters; at most {max_len} allowed")
-    return v
 
 
 class _Model(BaseModel):
@@ -42,7 +49,7 @@ class Node(_Model):
     @classmethod
     def _name(cls, v: str) -> str:
         # The fabric-side end of the node's uplink veth is named after the node.
-        return _check_label(v, "node name", IFNAMSIZ)
+        return check_label(v, "node name", IFNAMSIZ)
 
     @field_validator("podCidr")
     @classmethod
@@ -52,9 +59,9 @@ class Node(_Model):
         try:
             net = ipaddress.IPv4Network(v, strict=True)
         except ValueError as e:
-            raise ValueError(f"podCidr {v!r} is not an IPv4 network in CIDR form ({e})") from None
+            raise ValueError(f"podCidr {shown(v)} is not an IPv4 network in CIDR form ({e})") from None
         if net.prefixlen > 29:
-            raise ValueError(f"podCidr {v!r} is too small; use /29 or larger")
+            raise ValueError(f"podCidr {shown(v)} is too small; use /29 or larger")
         return str(net)
 
 
@@ -106,7 +113,24 @@ class Pod(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_label(v, "pod name")
+        return check_label(v, "pod name")
+
+    @field_validator("serviceAccount")
+    @classmethod
+    def _sa(cls, v: str | None) -> str | None:
+        return v if v is None else check_subdomain(v, "serviceAccount")
+
+    @model_validator(mode="after")
+    def _identity(self) -> "Pod":
+        check_label(self.namespace, "namespace")  # a part of the pod's netns name and identity
+        ident = istio.spiffe_id(self.namespace, self.sa)
+        try:
+            cert_dir_name(ident)  # the identity names the pod's certificate directory
+        except BadName:
+            raise ValueError(f"serviceAccount {shown(self.sa)} ({len(self.sa)} characters) in namespace "
+                             f"{shown(self.namespace)}: the identity is too long to name a certificate directory "
+                             f"({NAME_MAX} bytes): use a shorter one") from None
+        return self
 
     @field_validator("command")
     @classmethod
@@ -165,7 +189,7 @@ class Service(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_label(v, "service name")
+        return check_label(v, "service name")
 
     @field_validator("port", "targetPort")
     @classmethod
@@ -181,7 +205,7 @@ class Service(_Model):
             try:
                 ipaddress.IPv4Address(v)
             except ValueError:
-                raise ValueError(f"clusterIP {v!r} is not an IPv4 address") from None
+                raise ValueError(f"clusterIP {shown(v)} is not an IPv4 address") from None
         return v
 
 
@@ -190,6 +214,16 @@ class Waypoint(_Model):
     node: str
     name: str = "waypoint"
     serviceAccount: str | None = Field(default=None, description="scope the waypoint to one service account")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_label(v, "waypoint name")  # a part of the waypoint pod's netns name
+
+    @field_validator("serviceAccount")
+    @classmethod
+    def _sa(cls, v: str | None) -> str | None:
+        return v if v is None else check_subdomain(v, "serviceAccount")
 
 
 class Hop(_Model):
@@ -217,10 +251,10 @@ class Hop(_Model):
             raise ValueError(f"hop ({self.n}) at {self.at}: give an iface (packet hop) or a listener (proxy hop)")
         if self.listener is not None and self.iface is not None:
             raise ValueError(f"hop ({self.n}) at {self.at}: a hop is either a packet (iface) or a proxy (listener), not both")
-        if not re.match(r"^(node|pod|ztunnel|waypoint):\S+$", self.at):
-            raise ValueError(f"hop ({self.n}): at {self.at!r} must be node:<node>, pod:<ns>/<pod>, ztunnel:<node> or waypoint:<ns>[/<name>]")
-        if self.listener is not None and not re.match(r"^(ztunnel|sidecar|waypoint):\d+$", self.listener):
-            raise ValueError(f"hop ({self.n}): listener {self.listener!r} must be ztunnel|sidecar|waypoint:<port>")
+        if not re.fullmatch(r"(node|pod|ztunnel|waypoint):\S+", self.at):
+            raise ValueError(f"hop ({self.n}): at {shown(self.at)} must be node:<node>, pod:<ns>/<pod>, ztunnel:<node> or waypoint:<ns>[/<name>]")
+        if self.listener is not None and not re.fullmatch(r"(ztunnel|sidecar|waypoint):[0-9]{1,5}", self.listener):
+            raise ValueError(f"hop ({self.n}): listener {shown(self.listener)} must be ztunnel|sidecar|waypoint:<port>")
         return self
 
 
@@ -247,7 +281,7 @@ class Network(_Model):
         try:
             return str(ipaddress.IPv4Network(v, strict=True))
         except ValueError as e:
-            raise ValueError(f"{v!r} is not an IPv4 network in CIDR form ({e})") from None
+            raise ValueError(f"{shown(v)} is not an IPv4 network in CIDR form ({e})") from None
 
 
 class AuthorizationPolicy(_Model):
@@ -271,7 +305,7 @@ class AuthorizationPolicy(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_label(v, "policy name")
+        return check_label(v, "policy name")
 
     @field_validator("from_")
     @classmethod
@@ -280,13 +314,15 @@ class AuthorizationPolicy(_Model):
             if s == "*":
                 continue
             if s.startswith("ns/"):
-                _check_label(s[3:], "namespace in 'from'")
+                check_label(s[3:], "namespace in 'from'")
                 continue
             body = s.removeprefix("spiffe://")
             m = re.fullmatch(r"([a-z0-9.-]+)/ns/([^/]+)/sa/([^/]+)", body)
             if not m:
-                raise ValueError(f"source {s!r} must be a SPIFFE principal (spiffe://<td>/ns/<ns>/sa/<sa>), "
+                raise ValueError(f"source {shown(s)} must be a SPIFFE principal (spiffe://<td>/ns/<ns>/sa/<sa>), "
                                  "'ns/<namespace>' or '*'")
+            check_label(m.group(2), "namespace in 'from'")
+            check_subdomain(m.group(3), "service account in 'from'")
         return v
 
     @field_validator("to_ports")
@@ -313,7 +349,16 @@ class Topology(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        return _check_label(v, "topology name", 40)
+        return check_label(v, "topology name", LAB_NAME_MAX)  # the default lab name
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, v: dict[str, Namespace]) -> dict[str, Namespace]:
+        for ns in v:
+            check_label(ns, "namespace name")  # Kubernetes: ValidateNamespaceName is a DNS-1123 label
+            if ns == istio.ISTIO_SYSTEM_NS:
+                raise ValueError(f"namespace {ns!r} is reserved for the lab's ztunnel pods")
+        return v
 
     @field_validator("nodes")
     @classmethod
@@ -326,27 +371,23 @@ class Topology(_Model):
     def _refs(self) -> "Topology":
         _unique([n.name for n in self.nodes], "node")
         nodes = {n.name for n in self.nodes}
-        for ns in self.namespaces:
-            _check_label(ns, "namespace name")
-            if ns == istio.ISTIO_SYSTEM_NS:
-                raise ValueError(f"namespace {ns!r} is reserved for the lab's ztunnel pods")
         _unique([f"{p.namespace}/{p.name}" for p in self.pods], "pod")
         for i, p in enumerate(self.pods):
             if p.node not in nodes:
-                raise ValueError(f"pods[{i}] ({p.namespace}/{p.name}): node {p.node!r} is not defined in nodes")
+                raise ValueError(f"pods[{i}] ({p.namespace}/{p.name}): node {shown(p.node)} is not defined in nodes")
             if p.namespace not in self.namespaces:
-                raise ValueError(f"pods[{i}] ({p.namespace}/{p.name}): namespace {p.namespace!r} is not defined in namespaces")
+                raise ValueError(f"pods[{i}] ({p.namespace}/{p.name}): namespace {shown(p.namespace)} is not defined in namespaces")
         _unique([f"{s.namespace}/{s.name}" for s in self.services], "service")
         for i, s in enumerate(self.services):
             if s.namespace not in self.namespaces:
-                raise ValueError(f"services[{i}] ({s.namespace}/{s.name}): namespace {s.namespace!r} is not defined in namespaces")
+                raise ValueError(f"services[{i}] ({s.namespace}/{s.name}): namespace {shown(s.namespace)} is not defined in namespaces")
         for i, w in enumerate(self.waypoints):
             if w.node not in nodes:
-                raise ValueError(f"waypoints[{i}]: node {w.node!r} is not defined in nodes")
+                raise ValueError(f"waypoints[{i}]: node {shown(w.node)} is not defined in nodes")
             if w.namespace not in self.namespaces:
-                raise ValueError(f"waypoints[{i}]: namespace {w.namespace!r} is not defined in namespaces")
+                raise ValueError(f"waypoints[{i}]: namespace {shown(w.namespace)} is not defined in namespaces")
             if self.mode_of_namespace(w.namespace) != "ambient":
-                raise ValueError(f"waypoints[{i}]: namespace {w.namespace!r} is not ambient (label {istio.LABEL_DATAPLANE_MODE}: ambient)")
+                raise ValueError(f"waypoints[{i}]: namespace {shown(w.namespace)} is not ambient (label {istio.LABEL_DATAPLANE_MODE}: ambient)")
         _unique([f"{w.namespace}/{w.name}" for w in self.waypoints], "waypoint")
         clash = {f"{w.namespace}/{w.name}" for w in self.waypoints} & {f"{p.namespace}/{p.name}" for p in self.pods}
         if clash:
@@ -354,7 +395,7 @@ class Topology(_Model):
         pods = {f"{p.namespace}/{p.name}" for p in self.pods}
         for i, rp in enumerate(self.paths):
             if rp.from_ not in pods:
-                raise ValueError(f"paths[{i}] ({rp.name}): client pod {rp.from_!r} is not defined in pods (use <namespace>/<pod>)")
+                raise ValueError(f"paths[{i}] ({rp.name}): client pod {shown(rp.from_)} is not defined in pods (use <namespace>/<pod>)")
         return self
 
     @model_validator(mode="after")
@@ -362,7 +403,7 @@ class Topology(_Model):
         _unique([f"{p.namespace}/{p.name}" for p in self.policies], "policy")
         for i, p in enumerate(self.policies):
             if p.namespace not in self.namespaces:
-                raise ValueError(f"policies[{i}] ({p.name}): namespace {p.namespace!r} is not defined in namespaces")
+                raise ValueError(f"policies[{i}] ({p.name}): namespace {shown(p.namespace)} is not defined in namespaces")
         return self
 
     def mode_of_namespace(self, ns: str) -> Literal["ambient", "sidecar", "plain"]:
