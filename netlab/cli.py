@@ -70,14 +70,28 @@ def cmd_up(a: argparse.Namespace) -> int:
 def cmd_down(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
-    names = Lab.running() if a.all else [Lab.resolve_name(a.lab)]
+    labs = Lab.running()
+    if a.all:
+        names = labs
+    elif a.lab is None and len(labs) == 1:
+        names = labs  # the one lab there is, up or left broken
+    else:
+        names = [Lab.resolve_name(a.lab)]
     if not names:
         print("netlab: no lab is up", file=sys.stderr)
         return 0
-    for n in names:
-        rep = Lab.down_lab(n)
+    failed = 0
+    for n in names:  # one lab that cannot be removed does not keep the others
+        try:
+            rep = Lab.down_lab(n)
+        except NetlabError as e:
+            if len(names) == 1:
+                raise
+            print(f"netlab down: {e}", file=sys.stderr)
+            failed = max(failed, e.exit_code)
+            continue
         print(f"lab {n} is down" + (f" ({rep})" if rep else ""))
-    return 0
+    return failed
 
 
 def _print_status(st: dict[str, Any]) -> None:

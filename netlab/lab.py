@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from netlab import testhooks
 from netlab.errors import KernelFeatureError, LabStateError, NetlabError, UsageError
+from netlab.kernel import ledger
 from netlab.plan.types import Plan, PodInfo
 
 Progress = Callable[[str, int, int], None]
@@ -76,11 +78,13 @@ class Lab:
         if not _LAB_NAME.match(lab):
             raise UsageError(f"lab name {lab!r}: use 1-40 lowercase letters, digits and '-'")
         if lab in cls.running():
-            raise LabStateError(f"lab {lab!r} is already up (see `netlab status {lab}`, or `netlab down {lab}` first)")
+            raise LabStateError(f"lab {lab!r} is already up, or being brought up or taken down "
+                                f"(see `netlab status {lab}`, or `netlab down {lab}` first)")
         mode = choose_tunnel(tunnel)
         plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path), mesh=mesh)
         try:
-            kapply.apply(plan, progress=progress)  # rolls back on failure
+            # the lab stays locked (`down` refuses it) until its processes run or it is rolled back
+            kapply.apply(plan, progress=progress, keep_lock=True)
         except kapply.ApplyError as e:
             raise NetlabError(f"lab {lab}: {e}") from None
         except FileExistsError as e:  # the ledger dir appeared meanwhile: another `up` of the same name
@@ -88,9 +92,13 @@ class Lab:
         lab_obj = cls(plan)
         try:
             lab_obj._start_runtime(progress)
-        except BaseException:
+        except BaseException as e:
             cls.down_lab(lab)
+            if isinstance(e, Exception) and not isinstance(e, NetlabError):  # (the supervisor's, named)
+                raise NetlabError(f"lab {lab}: {e}; rolled back") from e
             raise
+        finally:
+            ledger.release_lock(lab)
         return lab_obj
 
     def _start_runtime(self, progress: Progress | None) -> None:
@@ -103,6 +111,8 @@ class Lab:
             return
         from netlab.runtime.supervisor import start_supervisor
 
+        if testhooks.ARMED:
+            testhooks.point("runtime")
         if progress:
             progress("processes", 0, len(procs))
         start_supervisor(self.name, list(procs), str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
@@ -114,8 +124,14 @@ class Lab:
 
     @classmethod
     def down_lab(cls, lab: str) -> str:
+        """Remove everything ``lab`` made. Never stops at one object: what could not be removed
+        is listed in the NetlabError raised at the end (run it again once that is fixed)."""
         from netlab.kernel import destroy
 
+        busy = ledger.locked_by(lab)
+        if busy:
+            raise ledger.LabBusyError(f"lab {lab!r} is being brought up or repaired by pid {busy}; wait for it "
+                                      f"to finish (or stop it), then run `netlab down {lab}`")
         sd = state_dir(lab)
         if any((sd / f).exists() for f in ("supervisor.json", "procs.json", "spec.json")):
             from netlab.runtime.supervisor import stop_supervisor
@@ -130,6 +146,8 @@ class Lab:
                 # or it outlives `down` and recreates the state dir. Then look at the records again.
                 if not _stop_stray_supervisors(sd):
                     break
+        if testhooks.ARMED:
+            testhooks.point("down")
         rep = destroy.destroy(lab)
         parts = [f"{len(rep.netns_deleted)} namespaces"]
         if rep.processes_stopped or rep.processes_killed:
@@ -137,16 +155,34 @@ class Lab:
         if rep.files_removed:
             parts.append(f"{len(rep.files_removed)} files")
         msg = "removed " + ", ".join(parts)
+        if rep.kept:
+            msg += "; left in place, as this lab did not make them: " + "; ".join(rep.kept)
         if rep.errors:
-            raise NetlabError(f"lab {lab}: {msg}, but: " + "; ".join(rep.errors))
+            raise NetlabError(f"lab {lab}: {msg}; could not remove: " + "; ".join(rep.errors)
+                              + f" (the rest is gone; `netlab down {lab}` again finishes the job)")
         return msg
 
     # ---- finding labs ----
     @staticmethod
     def running() -> list[str]:
+        """Every lab with a state directory: up, being brought up or down, or left broken."""
         from netlab.kernel import destroy
 
         return sorted(destroy.list_labs())
+
+    @staticmethod
+    def _read_plan(lab: str) -> Plan:
+        """The lab's plan.json, or LabStateError saying why not (never another exception: a
+        broken lab must not break commands about other labs)."""
+        p = state_dir(lab) / "plan.json"
+        try:
+            return Plan.from_dict(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise LabStateError(f"lab {lab!r} has no plan in {p} (being brought up, or a failed `up`? "
+                                f"`netlab down {lab}` removes what it made)") from None
+        except Exception as e:  # noqa: BLE001 - unreadable, garbage, or an older format: all the same here
+            raise LabStateError(f"lab {lab!r}: unreadable state {p} ({type(e).__name__}: {e}); "
+                                f"`netlab down {lab}` removes what it made") from None
 
     @classmethod
     def resolve_name(cls, lab: str | None) -> str:
@@ -155,21 +191,23 @@ class Lab:
             if lab not in labs:
                 raise UsageError(f"no lab named {lab!r} is up" + (f" (up: {', '.join(labs)})" if labs else " (no lab is up)"))
             return lab
-        if len(labs) == 1:
-            return labs[0]
-        if not labs:
-            raise UsageError("no lab is up (netlab up <topology>)")
-        raise UsageError(f"several labs are up ({', '.join(labs)}): say which with --lab")
+        usable, broken = [], []
+        for n in labs:  # only labs whose state reads: a broken one is named, never in the way
+            try:
+                cls._read_plan(n)
+                usable.append(n)
+            except LabStateError:
+                broken.append(n)
+        note = f" (not counting {', '.join(broken)}: no readable state; `netlab down` it)" if broken else ""
+        if len(usable) == 1:
+            return usable[0]
+        if not usable:
+            raise UsageError("no lab is up (netlab up <topology>)" + note)
+        raise UsageError(f"several labs are up ({', '.join(usable)}): say which with --lab" + note)
 
     @classmethod
     def attach(cls, lab: str | None = None) -> "Lab":
-        name = cls.resolve_name(lab)
-        p = state_dir(name) / "plan.json"
-        try:
-            plan = Plan.from_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise LabStateError(f"lab {name!r} has no plan in {p} (a crashed `up`? run `netlab down {name}`)") from None
-        return cls(plan)
+        return cls(cls._read_plan(cls.resolve_name(lab)))
 
     # ---- looking inside ----
     def status(self) -> dict[str, Any]:
