@@ -101,12 +101,44 @@ class Lab:
             ledger.release_lock(lab)
         return lab_obj
 
-    def _start_runtime(self, progress: Progress | None) -> None:
-        procs = self.plan.processes
-        if any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
-            from netlab.mesh import bootstrap
+    @classmethod
+    def repair(cls, lab: str, progress: Progress | None = None) -> tuple["Lab", list[str]]:
+        """Restart a running lab's processes under a new supervisor, touching no kernel object:
+        for a supervisor that died (SIGKILL, OOM) and took its processes with it. Returns the lab
+        and what was wrong (empty: nothing was, and nothing was restarted)."""
+        from netlab.kernel import destroy
+        from netlab.runtime.supervisor import stop_supervisor
 
-            bootstrap.prepare(self.plan, self.state_dir)
+        obj = cls.attach(lab)
+        problems = obj.health()["problems"]
+        if not problems:
+            return obj, []
+        missing = [p for p in problems if p.startswith("netns")]
+        if missing or not destroy.lab_is_up(obj.name):
+            what = missing[0] if missing else "its kernel objects are not all there"
+            raise LabStateError(f"lab {obj.name!r}: {what}; --repair restarts processes only: "
+                                f"`netlab down {obj.name}`, then `netlab up` again")
+        ledger.take_lock(obj.name)  # `down` and a second repair refuse meanwhile
+        try:
+            sd = obj.state_dir
+            stop_supervisor(sd)  # a live one (restarting in a loop), and any process it left
+            _stop_stray_supervisors(sd)
+            try:
+                obj._start_runtime(progress, bootstrap=False)
+            except NetlabError:
+                raise
+            except Exception as e:
+                raise NetlabError(f"lab {obj.name}: repair failed: {e}") from e
+        finally:
+            ledger.release_lock(obj.name)
+        return obj, problems
+
+    def _start_runtime(self, progress: Progress | None, bootstrap: bool = True) -> None:
+        procs = self.plan.processes
+        if bootstrap and any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
+            from netlab.mesh import bootstrap as mesh_bootstrap
+
+            mesh_bootstrap.prepare(self.plan, self.state_dir)
         if not procs:
             return
         from netlab.runtime.supervisor import start_supervisor
@@ -210,12 +242,55 @@ class Lab:
         return cls(cls._read_plan(cls.resolve_name(lab)))
 
     # ---- looking inside ----
+    def health(self) -> dict[str, Any]:
+        """Whether the lab still runs as `up` left it: ``health`` is ``up``, ``starting`` (an `up`
+        or `up --repair` holds it) or ``degraded``, with ``problems`` saying why; each process's
+        ``state`` (running, restarting: its supervisor is bringing it back, dead: nobody will)
+        and last pid. A supervisor killed (SIGKILL, OOM) takes its processes with it and nothing
+        restarts them: this is where that shows, and ``netlab up --repair`` is the remedy."""
+        from netlab.kernel import ns
+        from netlab.runtime.supervisor import status as supervisor_status
+
+        try:
+            st = supervisor_status(self.state_dir)
+        except (OSError, ValueError, AttributeError):  # unreadable records: as if none
+            st = {"supervisor": {"pid": None, "alive": False}, "procs": {}}
+        sup = st["supervisor"]
+        problems: list[str] = []
+        if self.plan.processes and not sup["alive"]:
+            problems.append(f"supervisor (pid {sup['pid']}) is dead" if sup.get("pid") else "no supervisor")
+        procs = []
+        unwell: dict[str, list[str]] = {"dead": [], "restarting": []}
+        for pr in self.plan.processes:
+            rec = st["procs"].get(pr.name) or {}
+            if rec.get("alive") and rec.get("state") == "running":
+                state = "running"
+            elif sup["alive"] and rec.get("state") not in ("stopped", "stopping"):
+                state = "restarting"
+            else:
+                state = "dead"
+            if state != "running":
+                unwell[state].append(pr.name)
+            procs.append({"name": pr.name, "kind": pr.kind, "state": state, "pid": rec.get("pid"),
+                          "restarts": rec.get("restarts", 0), "last_exit": rec.get("last_exit")})
+        problems += [f"{state}: {', '.join(names)}" for state, names in unwell.items() if names]
+        existing = set(ns.list_netns())
+        missing = [n.name for n in self.plan.netns if n.name not in existing]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+            problems.append(f"netns {missing[0]} is missing{more}")
+        health = "starting" if ledger.locked_by(self.name) else ("degraded" if problems else "up")
+        return {"health": health, "problems": problems,
+                "supervisor": {"pid": sup.get("pid"), "state": "running" if sup["alive"] else "dead"},
+                "processes": procs}
+
     def status(self) -> dict[str, Any]:
         p = self.plan
         return {
             "lab": p.lab,
             "topology": p.topology,
             "tunnel": p.tunnel,
+            **self.health(),
             "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr} for n in p.nodes],
             "pods": [{"name": x.name, "namespace": x.namespace, "node": x.node, "netns": x.netns, "ip": x.ip,
                       "mode": x.mode} for x in p.pods],

@@ -67,7 +67,7 @@ def test_a_namespace_name_another_lab_has_is_one_line(tmp_path: Path) -> None:
         r = netlab("up", topology(tmp_path, "hz", "c-fabric"), "--tunnel", "userspace", "-q")
         one_line(r, "'hz-c-fabric' already exists", "lab 'hz-c'")
         assert not ledger.lab_dir("hz").exists()
-        assert json.loads(netlab("status", "hz-c", "--json").stdout)["lab"] == "hz-c"
+        assert json.loads(netlab("status", "hz-c", "--json").stdout)["health"] == "up"
     finally:
         netlab("down", "hz-c")
     assert [n for n in ns.list_netns() if n.startswith("hz")] == []
@@ -82,7 +82,8 @@ def test_down_while_up_runs_is_refused_in_one_line(tmp_path: Path, point: str) -
         one_line(netlab("down", "hz-u"), "being brought up", str(up.pid))
         rc, err = resume(up)
         assert rc == 0, err
-        assert json.loads(netlab("status", "hz-u", "--json").stdout)["lab"] == "hz-u"
+        st = json.loads(netlab("status", "hz-u", "--json").stdout)
+        assert st["health"] == "up" and [p["state"] for p in st["processes"]] == ["running"], st
     finally:
         if up.poll() is None:
             up.kill()
