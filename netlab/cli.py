@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from netlab.errors import NetlabError
+from netlab.errors import NetlabError, UsageError
 
 EPILOG = """\
 examples:
@@ -54,6 +54,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
     t0 = time.monotonic()
+    if a.repair:
+        return _repair(a, t0)
     if not a.quiet:
         print(f"netlab: bringing up {a.topology}" + (f" as {a.name}" if a.name else ""), file=sys.stderr)
     lab = Lab.up(a.topology, name=a.name, tunnel=a.tunnel, progress=_progress_printer(a.quiet))
@@ -69,17 +71,57 @@ def cmd_up(a: argparse.Namespace) -> int:
     return 0
 
 
+def _repair(a: argparse.Namespace, t0: float) -> int:
+    from netlab.lab import Lab
+
+    if a.name or a.tunnel != "auto":
+        raise UsageError("netlab up --repair LAB: give the lab's name only (no --name, --tunnel)")
+    lab, problems = Lab.repair(a.topology, progress=_progress_printer(a.quiet))
+    st = lab.status()
+    if a.json:
+        print(json.dumps(st, indent=2))
+    elif not problems:
+        print(f"lab {lab.name}: every process is running; nothing to repair")
+    else:
+        print(f"lab {lab.name} repaired in {time.monotonic() - t0:.1f}s (was: {'; '.join(problems)}); "
+              f"now {st['health']}")
+        _print_processes(st)
+    return 0 if st["health"] == "up" else 1
+
+
 def cmd_down(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
-    names = Lab.running() if a.all else [Lab.resolve_name(a.lab)]
+    labs = Lab.running()
+    if a.all:
+        names = labs
+    elif a.lab is None and len(labs) == 1:
+        names = labs  # the one lab there is, up or left broken
+    else:
+        names = [Lab.resolve_name(a.lab)]
     if not names:
         print("netlab: no lab is up", file=sys.stderr)
         return 0
-    for n in names:
-        rep = Lab.down_lab(n)
+    failed = 0
+    for n in names:  # one lab that cannot be removed does not keep the others
+        try:
+            rep = Lab.down_lab(n)
+        except NetlabError as e:
+            if len(names) == 1:
+                raise
+            print(f"netlab down: {e}", file=sys.stderr)
+            failed = max(failed, e.exit_code)
+            continue
         print(f"lab {n} is down" + (f" ({rep})" if rep else ""))
-    return 0
+    return failed
+
+
+def _print_processes(st: dict[str, Any]) -> None:
+    if not st.get("processes"):
+        return
+    print(f"\n{'PROCESS':<34} {'KIND':<9} {'STATE':<11} {'PID':>7} {'RESTARTS':>8}")
+    for p in st["processes"]:
+        print(f"{p['name']:<34} {p['kind']:<9} {p['state']:<11} {p['pid'] or '-':>7} {p['restarts']:>8}")
 
 
 def _print_status(st: dict[str, Any]) -> None:
@@ -108,8 +150,13 @@ def cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st, indent=2))
     else:
-        print(f"lab {st['lab']} (topology {st['topology']}, tunnel {st['tunnel']})")
+        print(f"lab {st['lab']} (topology {st['topology']}, tunnel {st['tunnel']}): {st['health']}")
+        for problem in st["problems"]:
+            print(f"  {problem}")
         _print_status(st)
+        _print_processes(st)
+        if st["health"] == "degraded":
+            print(f"\nrepair: netlab up --repair {st['lab']}   (restarts its processes; namespaces untouched)")
     return 0
 
 
@@ -283,7 +330,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="create a lab from a topology", description=(
         "Create every namespace, link, address, route, ip rule, ipset, iptables rule and process of a topology. "
         "Fails cleanly (nothing left behind) on any error."))
-    s.add_argument("topology", help="a name from topologies/ (see `netlab list`) or a path to a YAML file")
+    s.add_argument("topology", help="a name from topologies/ (see `netlab list`) or a path to a YAML file; "
+                                    "with --repair, the name of a running lab")
+    s.add_argument("--repair", action="store_true",
+                   help="restart the processes of a running lab whose supervisor died or whose processes "
+                        "are dead (`netlab status` says degraded), under a new supervisor; its namespaces "
+                        "and rules are not touched")
     s.add_argument("--name", help="lab name (default: the topology's name); prefixes every netns")
     s.add_argument("--tunnel", choices=("auto", "kernel", "userspace"), default="auto",
                    help="Geneve implementation for istioin/istioout: the kernel's, or userspace over TAP "
@@ -297,11 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="remove every lab on this machine")
     s.set_defaults(func=cmd_down)
 
-    s = sub.add_parser("status", help="nodes, pods, services of a running lab")
+    s = sub.add_parser("status", help="nodes, pods, services and processes of a running lab, and its health",
+                       description="health: up; starting (an `up` or `up --repair` is at work); degraded (a "
+                                   "process or its supervisor is dead, or a namespace is missing: the problems "
+                                   "are listed; `netlab up --repair LAB` restarts the processes).")
     s.add_argument("lab", nargs="?")
     s.add_argument("--json", action="store_true",
-                   help="JSON: {lab, topology, tunnel, nodes:[{name,netns,ip}], pods:[{name,namespace,node,netns,ip,mode}], "
-                        "services:[{name,namespace,vip,port,target_port}]}")
+                   help="JSON: {lab, topology, tunnel, health, problems:[...], supervisor:{pid,state}, "
+                        "processes:[{name,kind,state,pid,restarts,last_exit}], nodes:[{name,netns,ip}], "
+                        "pods:[{name,namespace,node,netns,ip,mode}], services:[{name,namespace,vip,port,target_port}]}")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("plan", help="print what `up` would create, without root",

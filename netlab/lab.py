@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from netlab import testhooks
 from netlab.errors import KernelFeatureError, LabStateError, NetlabError, UsageError
+from netlab.kernel import ledger
 from netlab.names import BadName, check_lab_name
 from netlab.plan.types import Plan, PodInfo
 
@@ -78,11 +80,13 @@ class Lab:
         except BadName as e:
             raise UsageError(str(e)) from None
         if lab in cls.running():
-            raise LabStateError(f"lab {lab!r} is already up (see `netlab status {lab}`, or `netlab down {lab}` first)")
+            raise LabStateError(f"lab {lab!r} is already up, or being brought up or taken down "
+                                f"(see `netlab status {lab}`, or `netlab down {lab}` first)")
         mode = choose_tunnel(tunnel)
         plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path), mesh=mesh)
         try:
-            kapply.apply(plan, progress=progress)  # rolls back on failure
+            # the lab stays locked (`down` refuses it) until its processes run or it is rolled back
+            kapply.apply(plan, progress=progress, keep_lock=True)
         except kapply.ApplyError as e:
             raise NetlabError(f"lab {lab}: {e}") from None
         except FileExistsError as e:  # the ledger dir appeared meanwhile: another `up` of the same name
@@ -90,21 +94,59 @@ class Lab:
         lab_obj = cls(plan)
         try:
             lab_obj._start_runtime(progress)
-        except BaseException:
+        except BaseException as e:
             cls.down_lab(lab)
+            if isinstance(e, Exception) and not isinstance(e, NetlabError):  # (the supervisor's, named)
+                raise NetlabError(f"lab {lab}: {e}; rolled back") from e
             raise
+        finally:
+            ledger.release_lock(lab)
         return lab_obj
 
-    def _start_runtime(self, progress: Progress | None) -> None:
-        procs = self.plan.processes
-        if any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
-            from netlab.mesh import bootstrap
+    @classmethod
+    def repair(cls, lab: str, progress: Progress | None = None) -> tuple["Lab", list[str]]:
+        """Restart a running lab's processes under a new supervisor, touching no kernel object:
+        for a supervisor that died (SIGKILL, OOM) and took its processes with it. Returns the lab
+        and what was wrong (empty: nothing was, and nothing was restarted)."""
+        from netlab.kernel import destroy
+        from netlab.runtime.supervisor import stop_supervisor
 
-            bootstrap.prepare(self.plan, self.state_dir)
+        obj = cls.attach(lab)
+        problems = obj.health()["problems"]
+        if not problems:
+            return obj, []
+        missing = [p for p in problems if p.startswith("netns")]
+        if missing or not destroy.lab_is_up(obj.name):
+            what = missing[0] if missing else "its kernel objects are not all there"
+            raise LabStateError(f"lab {obj.name!r}: {what}; --repair restarts processes only: "
+                                f"`netlab down {obj.name}`, then `netlab up` again")
+        ledger.take_lock(obj.name)  # `down` and a second repair refuse meanwhile
+        try:
+            sd = obj.state_dir
+            stop_supervisor(sd)  # a live one (restarting in a loop), and any process it left
+            _stop_stray_supervisors(sd)
+            try:
+                obj._start_runtime(progress, bootstrap=False)
+            except NetlabError:
+                raise
+            except Exception as e:
+                raise NetlabError(f"lab {obj.name}: repair failed: {e}") from e
+        finally:
+            ledger.release_lock(obj.name)
+        return obj, problems
+
+    def _start_runtime(self, progress: Progress | None, bootstrap: bool = True) -> None:
+        procs = self.plan.processes
+        if bootstrap and any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
+            from netlab.mesh import bootstrap as mesh_bootstrap
+
+            mesh_bootstrap.prepare(self.plan, self.state_dir)
         if not procs:
             return
         from netlab.runtime.supervisor import start_supervisor
 
+        if testhooks.ARMED:
+            testhooks.point("runtime")
         if progress:
             progress("processes", 0, len(procs))
         start_supervisor(self.name, list(procs), str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
@@ -116,8 +158,14 @@ class Lab:
 
     @classmethod
     def down_lab(cls, lab: str) -> str:
+        """Remove everything ``lab`` made. Never stops at one object: what could not be removed
+        is listed in the NetlabError raised at the end (run it again once that is fixed)."""
         from netlab.kernel import destroy
 
+        busy = ledger.locked_by(lab)
+        if busy:
+            raise ledger.LabBusyError(f"lab {lab!r} is being brought up or repaired by pid {busy}; wait for it "
+                                      f"to finish (or stop it), then run `netlab down {lab}`")
         sd = state_dir(lab)
         if any((sd / f).exists() for f in ("supervisor.json", "procs.json", "spec.json")):
             from netlab.runtime.supervisor import stop_supervisor
@@ -132,6 +180,8 @@ class Lab:
                 # or it outlives `down` and recreates the state dir. Then look at the records again.
                 if not _stop_stray_supervisors(sd):
                     break
+        if testhooks.ARMED:
+            testhooks.point("down")
         rep = destroy.destroy(lab)
         parts = [f"{len(rep.netns_deleted)} namespaces"]
         if rep.processes_stopped or rep.processes_killed:
@@ -139,16 +189,34 @@ class Lab:
         if rep.files_removed:
             parts.append(f"{len(rep.files_removed)} files")
         msg = "removed " + ", ".join(parts)
+        if rep.kept:
+            msg += "; left in place, as this lab did not make them: " + "; ".join(rep.kept)
         if rep.errors:
-            raise NetlabError(f"lab {lab}: {msg}, but: " + "; ".join(rep.errors))
+            raise NetlabError(f"lab {lab}: {msg}; could not remove: " + "; ".join(rep.errors)
+                              + f" (the rest is gone; `netlab down {lab}` again finishes the job)")
         return msg
 
     # ---- finding labs ----
     @staticmethod
     def running() -> list[str]:
+        """Every lab with a state directory: up, being brought up or down, or left broken."""
         from netlab.kernel import destroy
 
         return sorted(destroy.list_labs())
+
+    @staticmethod
+    def _read_plan(lab: str) -> Plan:
+        """The lab's plan.json, or LabStateError saying why not (never another exception: a
+        broken lab must not break commands about other labs)."""
+        p = state_dir(lab) / "plan.json"
+        try:
+            return Plan.from_dict(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise LabStateError(f"lab {lab!r} has no plan in {p} (being brought up, or a failed `up`? "
+                                f"`netlab down {lab}` removes what it made)") from None
+        except Exception as e:  # noqa: BLE001 - unreadable, garbage, or an older format: all the same here
+            raise LabStateError(f"lab {lab!r}: unreadable state {p} ({type(e).__name__}: {e}); "
+                                f"`netlab down {lab}` removes what it made") from None
 
     @classmethod
     def resolve_name(cls, lab: str | None) -> str:
@@ -157,29 +225,74 @@ class Lab:
             if lab not in labs:
                 raise UsageError(f"no lab named {lab!r} is up" + (f" (up: {', '.join(labs)})" if labs else " (no lab is up)"))
             return lab
-        if len(labs) == 1:
-            return labs[0]
-        if not labs:
-            raise UsageError("no lab is up (netlab up <topology>)")
-        raise UsageError(f"several labs are up ({', '.join(labs)}): say which with --lab")
+        usable, broken = [], []
+        for n in labs:  # only labs whose state reads: a broken one is named, never in the way
+            try:
+                cls._read_plan(n)
+                usable.append(n)
+            except LabStateError:
+                broken.append(n)
+        note = f" (not counting {', '.join(broken)}: no readable state; `netlab down` it)" if broken else ""
+        if len(usable) == 1:
+            return usable[0]
+        if not usable:
+            raise UsageError("no lab is up (netlab up <topology>)" + note)
+        raise UsageError(f"several labs are up ({', '.join(usable)}): say which with --lab" + note)
 
     @classmethod
     def attach(cls, lab: str | None = None) -> "Lab":
-        name = cls.resolve_name(lab)
-        p = state_dir(name) / "plan.json"
-        try:
-            plan = Plan.from_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise LabStateError(f"lab {name!r} has no plan in {p} (a crashed `up`? run `netlab down {name}`)") from None
-        return cls(plan)
+        return cls(cls._read_plan(cls.resolve_name(lab)))
 
     # ---- looking inside ----
+    def health(self) -> dict[str, Any]:
+        """Whether the lab still runs as `up` left it: ``health`` is ``up``, ``starting`` (an `up`
+        or `up --repair` holds it) or ``degraded``, with ``problems`` saying why; each process's
+        ``state`` (running, restarting: its supervisor is bringing it back, dead: nobody will)
+        and last pid. A supervisor killed (SIGKILL, OOM) takes its processes with it and nothing
+        restarts them: this is where that shows, and ``netlab up --repair`` is the remedy."""
+        from netlab.kernel import ns
+        from netlab.runtime.supervisor import status as supervisor_status
+
+        try:
+            st = supervisor_status(self.state_dir)
+        except (OSError, ValueError, AttributeError):  # unreadable records: as if none
+            st = {"supervisor": {"pid": None, "alive": False}, "procs": {}}
+        sup = st["supervisor"]
+        problems: list[str] = []
+        if self.plan.processes and not sup["alive"]:
+            problems.append(f"supervisor (pid {sup['pid']}) is dead" if sup.get("pid") else "no supervisor")
+        procs = []
+        unwell: dict[str, list[str]] = {"dead": [], "restarting": []}
+        for pr in self.plan.processes:
+            rec = st["procs"].get(pr.name) or {}
+            if rec.get("alive") and rec.get("state") == "running":
+                state = "running"
+            elif sup["alive"] and rec.get("state") not in ("stopped", "stopping"):
+                state = "restarting"
+            else:
+                state = "dead"
+            if state != "running":
+                unwell[state].append(pr.name)
+            procs.append({"name": pr.name, "kind": pr.kind, "state": state, "pid": rec.get("pid"),
+                          "restarts": rec.get("restarts", 0), "last_exit": rec.get("last_exit")})
+        problems += [f"{state}: {', '.join(names)}" for state, names in unwell.items() if names]
+        existing = set(ns.list_netns())
+        missing = [n.name for n in self.plan.netns if n.name not in existing]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if missing[1:] else ""
+            problems.append(f"netns {missing[0]} is missing{more}")
+        health = "starting" if ledger.locked_by(self.name) else ("degraded" if problems else "up")
+        return {"health": health, "problems": problems,
+                "supervisor": {"pid": sup.get("pid"), "state": "running" if sup["alive"] else "dead"},
+                "processes": procs}
+
     def status(self) -> dict[str, Any]:
         p = self.plan
         return {
             "lab": p.lab,
             "topology": p.topology,
             "tunnel": p.tunnel,
+            **self.health(),
             "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr} for n in p.nodes],
             "pods": [{"name": x.name, "namespace": x.namespace, "node": x.node, "netns": x.netns, "ip": x.ip,
                       "mode": x.mode} for x in p.pods],

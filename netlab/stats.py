@@ -12,6 +12,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from netlab.runtime import procfs
+
 TCP_STATES = {"01": "established", "0A": "listen"}
 
 
@@ -77,8 +79,8 @@ def process_stats(state_dir: str | os.PathLike[str], node_of: dict[str, str] | N
     out = []
     for name, rec in sorted(json.loads(p.read_text()).items()):
         pid = rec.get("pid")
-        if not pid or rec.get("state") != "running":
-            continue
+        if not pid or rec.get("state") != "running" or not procfs.alive(pid, rec.get("starttime")):
+            continue  # (a dead supervisor's last records name dead pids: `netlab status` shows those)
         inodes, nfds = _socket_inodes(pid)
         est, lis = _tcp_counts(pid, inodes)
         out.append(ProcStats(name=name, kind=rec.get("kind", ""), pid=pid, rss_kib=_rss_kib(pid), established=est,

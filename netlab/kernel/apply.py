@@ -47,6 +47,7 @@ ipsets at once, and nothing of the lab is ever in the root namespace.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import queue
@@ -60,8 +61,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netlab.errors import LabStateError
 from netlab.kernel import ipt, ns, rtnl
-from netlab.kernel.destroy import destroy
+from netlab.kernel.destroy import destroy, owner_of
 from netlab.kernel.ledger import Ledger
 from netlab.plan.types import (MAIN_TABLE, Address, File, IpSet, IpSetEntry, IptChain, IptRule, Link, Netns,
                                Plan, Route, Rule, Sysctl)
@@ -101,10 +103,23 @@ class ApplyError(RuntimeError):
     """Apply failed and was rolled back; the message names the object that failed."""
 
 
+class NetnsTakenError(LabStateError, ValueError):
+    """A namespace name of the plan exists already (another lab's, or someone else's)."""
+
+
 class _ObjError(Exception):
     def __init__(self, obj: Any, err: BaseException | str) -> None:
         super().__init__(f"{describe(obj)}: {_errstr(err)}")
         self.obj = obj
+
+
+def _taken(err: OSError) -> OSError | str:
+    """A netns name taken between validate() and its creation: by whom. (Its ledger record has
+    our cookie, which the namespace there does not: destroy leaves it alone.)"""
+    if not isinstance(err, FileExistsError) or not err.filename:
+        return err
+    owner = owner_of(os.path.basename(err.filename))
+    return "the name was taken meanwhile " + (f"by lab {owner!r}" if owner else "by someone else")
 
 
 def _errstr(err: BaseException | str) -> str:
@@ -164,9 +179,13 @@ def validate(plan: Plan) -> None:
     for n in names:
         if not n or "/" in n or n in (".", ".."):
             raise ValueError(f"plan {plan.lab!r}: invalid netns name {n!r}")
-    taken = known & set(ns.list_netns())
+    taken = sorted(known & set(ns.list_netns()))
     if taken:
-        raise ValueError(f"plan {plan.lab!r}: netns already exist: {', '.join(sorted(taken))}")
+        owner = owner_of(taken[0])
+        whose = f"made by lab {owner!r}" if owner else "not made by a netlab lab"
+        raise NetnsTakenError(f"lab {plan.lab!r}: network namespace {taken[0]!r} already exists ({whose})"
+                              + (f", and {len(taken) - 1} more of its names" if taken[1:] else "")
+                              + "; choose another lab name (--name)")
     for o in plan.objects():
         if isinstance(o, Netns) or type(o).__name__ == "Process":
             continue
@@ -188,13 +207,17 @@ def default_workers() -> int:
     return max(3, min(9, (os.cpu_count() or 2) + 1))
 
 
-def apply(plan: Plan, *, progress: Progress | None = None, workers: int | None = None) -> None:
-    """Create every kernel object of ``plan``; on failure roll back and raise :class:`ApplyError`."""
+def apply(plan: Plan, *, progress: Progress | None = None, workers: int | None = None,
+          keep_lock: bool = False) -> None:
+    """Create every kernel object of ``plan``; on failure roll back and raise :class:`ApplyError`.
+
+    ``keep_lock``: the lab stays locked by this process (destroy refuses it) after a good apply,
+    until :func:`netlab.kernel.ledger.release_lock`: `up` keeps it while it starts the processes."""
     validate(plan)
     ledger = Ledger.create(plan)
     try:
         _Applier(plan, ledger, progress, workers or default_workers()).run()
-        ledger.done()
+        ledger.done(keep_lock=keep_lock)
     except BaseException as e:
         ledger.close()
         rb = ""
@@ -352,22 +375,22 @@ class _Applier:
 
     # -- phase 1 --
     def _make_netns(self, group: list[Netns]) -> None:
-        self.ledger.intent(group)
-        for i, n in enumerate(group):
+        for n in group:
             with contextlib.ExitStack() as stack:
+                socks: list[rtnl.Rtnl] = []
+
+                def named(n: Netns = n, socks: list[rtnl.Rtnl] = socks, stack: Any = stack) -> None:
+                    # inside the new netns, before it has a name: its identity first
+                    socks.append(r := stack.enter_context(rtnl.Rtnl()))
+                    if r.cookie == self.root_cookie:
+                        raise _ObjError(n, "socket landed in the root netns; refusing to write")
+                    self.ledger.named(n, r.cookie)
+
                 try:
-                    stack.enter_context(ns.new_netns(n.name))
-                except FileExistsError as e:
-                    for m in group[i:]:
-                        self.ledger.failed(m)  # someone else's (or never made): destroy must not touch it
-                    raise _ObjError(n, e) from e
+                    stack.enter_context(ns.new_netns(n.name, named))
                 except OSError as e:
-                    for m in group[i + 1:]:
-                        self.ledger.failed(m)
-                    raise _ObjError(n, e) from e
-                r = stack.enter_context(rtnl.Rtnl())
-                if r.cookie == self.root_cookie:
-                    raise _ObjError(n, "socket landed in the root netns; refusing to write")
+                    raise _ObjError(n, _taken(e)) from e
+                r = socks[0]
                 self._early_sysctls(n.name)
                 try:
                     r.call(rtnl.link_set(1, up=True))
@@ -586,22 +609,29 @@ class _Applier:
     def _open_leaf(self, n: Netns, inbound: list[Link], work: dict[str, list[Any]]) -> _PodItem | None:
         """Maker side: create the pod's netns with a netlink socket inside it; write what needs
         no device there (early sysctls, ipsets, iptables); prepare the rtnetlink requests."""
-        # one ledger write for all the pod's netlink objects (ahead of them, as always)
-        self.ledger.intent([n, *inbound, *work.get("addresses", ()), *work.get("routes", ()), *work.get("rules", ())])
-        try:
-            made = ns.new_netns(n.name)
-            made.__enter__()
-        except FileExistsError as e:
-            self.ledger.failed(n)  # someone else's: destroy must not touch it
-            raise _ObjError(n, e) from e
-        except OSError as e:
-            raise _ObjError(n, e) from e
         r: rtnl.Rtnl | None = None
-        fd = -1
-        try:
+
+        def named() -> None:  # inside the new netns, before it has a name: its identity first
+            nonlocal r
             r = rtnl.Rtnl()
             if r.cookie == self.root_cookie:
                 raise _ObjError(n, "socket landed in the root netns; refusing to write")
+            # one ledger write for the netns and all the pod's netlink objects (ahead of them)
+            self.ledger.named(n, r.cookie, [*inbound, *work.get("addresses", ()), *work.get("routes", ()),
+                                            *work.get("rules", ())])
+
+        try:
+            made = ns.new_netns(n.name, named)
+            made.__enter__()
+        except BaseException as e:
+            if r is not None:
+                r.close()
+            if isinstance(e, OSError):
+                raise _ObjError(n, _taken(e)) from e
+            raise
+        fd = -1
+        try:
+            assert r is not None
             with self._cookie_lock:
                 self.cookies[n.name] = r.cookie
             fd = ns.own_netns_fd()
@@ -855,14 +885,52 @@ class _Applier:
         for i, f in enumerate(files):
             try:
                 for d in _missing_parents(Path(f.path)):
-                    self.ledger.mkdir(str(d))
-                    d.mkdir(exist_ok=True)
-                self.ledger.intent([f])
-                Path(f.path).write_text(f.content)
+                    os.mkdir(d, 0o755)  # FileExistsError: made meanwhile by someone else: not ours
+                    st = os.lstat(d)
+                    self.ledger.mkdir(str(d), st.st_dev, st.st_ino)
+                _write_new_file(f, self.ledger)
             except OSError as e:
                 raise _ObjError(f, e) from e
             if self.progress:
                 self.progress("files", i + 1, len(files))
+
+
+def _write_new_file(f: File, ledger: Ledger) -> None:
+    """Make ``f.path`` with its content, refusing a path that exists (someone else's, or a
+    symlink planted there). The file is made unnamed (O_TMPFILE) and recorded with its identity
+    before it is linked to its name, so destroy can tell it from whatever else takes that name;
+    it also never shows half-written. Where the filesystem has no O_TMPFILE it is created under
+    its name (O_EXCL) and recorded right after (a kill in between leaves a file destroy does
+    not claim)."""
+    data = f.content.encode()
+    parent = os.path.dirname(f.path)
+    try:
+        fd = os.open(parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            st = os.fstat(fd)
+            ledger.file(f, st.st_dev, st.st_ino)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return
+    try:
+        os.fchmod(fd, 0o644)  # (the umask applied to the mode above)
+        os.write(fd, data)
+        st = os.fstat(fd)
+        ledger.file(f, st.st_dev, st.st_ino)
+        # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/<fd>: EEXIST if the name is taken, symlink
+        # or not (os.link without a dir fd would call link(), which links the magic link itself)
+        proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.link(str(fd), f.path, src_dir_fd=proc_fd)
+        finally:
+            os.close(proc_fd)
+    finally:
+        os.close(fd)
 
 
 def _tag(req: rtnl.Request, obj: Any) -> rtnl.Request:

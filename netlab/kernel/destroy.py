@@ -3,34 +3,49 @@
 Order: stop recorded processes (they hold sockets in the lab's namespaces), delete recorded
 namespaces (which takes every device, address, route, ip rule, iptables rule and ipset inside
 with it: the lab has nothing in the root namespace), remove recorded files and the directories
-apply made for them (plus ``/etc/netns/<netns>`` when empty), then the ledger directory.
+apply made for them (plus ``/etc/netns/<netns>`` of a namespace it deleted, when empty), then
+the ledger directory.
+
+Only what this lab provably made is removed. A netns is deleted only if the namespace now at
+its name has the cookie the ledger recorded for it (apply records it from inside the new
+namespace before the name is taken, see :func:`netlab.kernel.ns.new_netns`); a file or a
+directory only if its device and inode are the recorded ones. Anything else under a recorded
+name -- a name this lab only intended, taken since by another lab -- is left in place and
+listed in ``Report.kept``. The one unrecorded thing destroy removes is an empty placeholder
+file at a recorded netns name (a creation killed between taking the name and mounting onto it).
+Processes are signalled through a pidfd only when their start time is the recorded one.
 
 Idempotent and tolerant: an intent whose object never came to exist (apply killed between
-"intent" and "create") is simply skipped. Intents marked ``failed`` (the name belonged to
-someone else) are never touched; nothing that is not in the ledger is ever deleted. Netns
-deletion itself is asynchronous in the kernel: the name is gone when this returns, the
-memory is reclaimed by the kernel's cleanup worker shortly after.
+"intent" and "create"), or whose name the kernel refuses (too long), is skipped. One object
+that cannot be removed never stops the others: its error is listed, the ledger is kept so a
+second destroy can finish the job, and ``plan.json`` goes (the lab is no longer up, so commands
+that pick "the lab that is up" ignore it). Netns deletion itself is asynchronous in the kernel:
+the name is gone when this returns, the memory is reclaimed by the kernel's cleanup worker
+shortly after.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import select
 import shutil
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from netlab.kernel import ns
-from netlab.kernel.ledger import (LabBusyError, lab_dir, list_labs, pid_alive, proc_starttime, read_entries,
-                                  read_lock)
+from netlab.kernel.ledger import (PLAN, LabBusyError, lab_dir, list_labs, locked_by, pid_alive, proc_starttime,
+                                  read_entries, read_lock)
 
 __all__ = ["Report", "destroy", "list_labs", "lab_is_up", "stop_processes"]
 
 ETC_NETNS = Path("/etc/netns")
+_NO_SUCH_NAME = (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR)  # nothing there, or cannot be
 
 
 @dataclass
@@ -42,7 +57,8 @@ class Report:
     netns_deleted: list[str] = field(default_factory=list)
     files_removed: list[str] = field(default_factory=list)
     dirs_removed: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # at a recorded name, but not this lab's (or unreadable records)
+    errors: list[str] = field(default_factory=list)  # this lab's, and could not be removed
 
 
 def _intents(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,61 +66,121 @@ def _intents(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: set[str] = set()
     out = []
     for e in entries:
-        if e.get("op") == "intent" and e.get("key") not in failed and e.get("key") not in seen:
-            seen.add(e["key"])
+        key = e.get("key")
+        if e.get("op") == "intent" and isinstance(key, str) and key not in failed and key not in seen:
+            seen.add(key)
             out.append(e)
     return out
 
 
+def _same_inode(path: Path, e: dict[str, Any], want: int) -> bool | None:
+    """None if nothing is at ``path``; else whether it is the inode ``e`` recorded (``dev``,
+    ``ino``), of file type ``want`` (stat.S_IFREG / S_IFDIR). A symlink never is."""
+    try:
+        st = os.lstat(path)
+    except OSError as ex:
+        if ex.errno in _NO_SUCH_NAME:
+            return None
+        raise
+    return stat.S_IFMT(st.st_mode) == want and (st.st_dev, st.st_ino) == (e.get("dev"), e.get("ino"))
+
+
 def destroy(lab: str, *, force: bool = False) -> Report:
     """Tear ``lab`` down from its ledger. Refuses (LabBusyError) while another live process is
-    applying it, unless ``force``."""
+    applying it, unless ``force``; with ``force`` the ledger goes even if something could not be
+    removed."""
     rep = Report(lab)
     d = lab_dir(lab)
     if not d.exists():
         rep.existed = False
         return rep
-    lock = read_lock(lab)
-    if lock and lock[0] != os.getpid() and pid_alive(*lock) and not force:
-        raise LabBusyError(f"lab {lab!r} is being applied by pid {lock[0]}; wait for it or use force")
-    entries = read_entries(lab)
+    busy = locked_by(lab)
+    if busy and not force:
+        raise LabBusyError(f"lab {lab!r} is being brought up or repaired by pid {busy}; wait for it to finish "
+                           f"(or stop it), then run `netlab down {lab}`")
+    try:
+        entries = read_entries(lab)
+    except OSError as err:
+        rep.errors.append(f"ledger {d}: {err}")
+        entries = []
     intents = _intents(entries)
 
-    procs = [e for e in entries if e.get("op") == "process"]
-    stopped, killed, errs = stop_processes([(p["name"], int(p["pid"]), int(p["starttime"])) for p in reversed(procs)])
+    procs = []
+    for p in reversed([e for e in entries if e.get("op") == "process"]):
+        try:
+            procs.append((str(p["name"]), int(p["pid"]), int(p["starttime"])))
+        except (KeyError, TypeError, ValueError):
+            rep.kept.append(f"an unreadable process record in the ledger ({p})")
+    stopped, killed, errs = stop_processes(procs)
     rep.processes_stopped, rep.processes_killed = stopped, killed
     rep.errors += errs
 
-    netns = [e["obj"]["name"] for e in intents if e.get("type") == "Netns"]
-    for name in reversed(netns):
+    deleted: list[str] = []
+    for e in reversed([e for e in intents if e.get("type") == "Netns"]):
+        name = str((e.get("obj") or {}).get("name", ""))
         try:
-            if ns.delete_netns(name):
-                rep.netns_deleted.append(name)
-        except OSError as e:
-            rep.errors.append(f"netns {name}: {e}")
+            _destroy_netns(name, e.get("cookie"), rep)
+        except OSError as ex:
+            rep.errors.append(f"netns {name}: {ex.strerror or ex}")
+        if name in rep.netns_deleted:
+            deleted.append(name)
 
     for e in reversed(intents):
         if e.get("type") != "File":
             continue
-        path = Path(e["obj"]["path"])
+        path = Path(str((e.get("obj") or {}).get("path", "")))
         try:
+            ours = _same_inode(path, e, stat.S_IFREG)
+            if ours is None:
+                continue
+            if not ours:
+                rep.kept.append(f"file {path} (not the file this lab made)")
+                continue
             path.unlink()
             rep.files_removed.append(str(path))
         except FileNotFoundError:
             pass
         except OSError as ex:
-            rep.errors.append(f"file {path}: {ex}")
-    dirs = [Path(e["path"]) for e in entries if e.get("op") == "mkdir"]
-    dirs += [ETC_NETNS / n for n in netns]
-    for dd in sorted(set(dirs), key=lambda p: len(p.parts), reverse=True):
-        with contextlib.suppress(FileNotFoundError, OSError):  # not empty: not only ours
+            rep.errors.append(f"file {path}: {ex.strerror or ex}")
+    dirs = {Path(str(e.get("path"))): e for e in entries if e.get("op") == "mkdir" and "ino" in e}
+    etc = {ETC_NETNS / n for n in deleted}  # a namespace's own config dir, of a namespace that was ours
+    for dd in sorted(set(dirs) | etc, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):  # not empty (not only ours), or gone
+            if dd in dirs and not _same_inode(dd, dirs[dd], stat.S_IFDIR):
+                continue
             dd.rmdir()
             rep.dirs_removed.append(str(dd))
 
     if rep.errors and not force:
-        return rep  # keep the ledger so a second destroy can finish the job
+        with contextlib.suppress(OSError):  # no longer up: keep only what a second destroy needs
+            (d / PLAN).unlink()
+        return rep
     shutil.rmtree(d, ignore_errors=True)
     return rep
+
+
+def _destroy_netns(name: str, cookie: Any, rep: Report) -> None:
+    """Delete ``name`` if the namespace there is the one the ledger recorded (``cookie``)."""
+    if not name or "/" in name or name in (".", ".."):
+        return  # a malformed record: no namespace can have that name
+    now = ns.netns_id(name)
+    if now is None:
+        return  # never made (killed before), already gone, or a name that cannot exist
+    if now == ns.NOT_A_NETNS:
+        if cookie is not None and ns.is_placeholder(name):  # see the module docstring
+            ns.delete_netns(name)
+            rep.netns_deleted.append(name)
+        else:
+            rep.kept.append(f"netns {name} (not a namespace)")
+        return
+    if cookie is None:
+        rep.kept.append(f"netns {name} (the ledger has no identity for it: not provably this lab's)")
+    elif now != cookie:
+        owner = owner_of(name)
+        rep.kept.append(f"netns {name} (not the namespace this lab made: "
+                        + (f"lab {owner!r} made it" if owner else "another lab or user has that name now") + ")")
+    elif ns.delete_netns(name):
+        rep.netns_deleted.append(name)
 
 
 def stop_processes(procs: list[tuple[str, int, int]], timeout: float = 2.0) -> tuple[list[str], list[str], list[str]]:
@@ -159,8 +235,22 @@ def _wait(live: dict[int, tuple[str, int]], timeout: float) -> list[str]:
     return out
 
 
+def owner_of(netns: str) -> str | None:
+    """The lab whose ledger records the namespace now at ``netns`` (by cookie), if any."""
+    now = ns.netns_id(netns)
+    if not now:
+        return None
+    for lab in list_labs():
+        with contextlib.suppress(OSError):
+            if any(e.get("type") == "Netns" and e.get("cookie") == now and (e.get("obj") or {}).get("name") == netns
+                   for e in read_entries(lab)):
+                return lab
+    return None
+
+
 def lab_is_up(lab: str) -> bool:
-    """A finished apply (``done`` in the ledger, no live lock) whose namespaces all exist."""
+    """A finished apply (``done`` in the ledger, no live lock) whose namespaces all exist and
+    are still the ones it made."""
     if not lab_dir(lab).is_dir():
         return False
     entries = read_entries(lab)
@@ -169,5 +259,4 @@ def lab_is_up(lab: str) -> bool:
     lock = read_lock(lab)
     if lock and pid_alive(*lock):
         return False
-    existing = set(ns.list_netns())
-    return all(e["obj"]["name"] in existing for e in _intents(entries) if e.get("type") == "Netns")
+    return all(ns.netns_id(e["obj"]["name"]) == e.get("cookie") for e in _intents(entries) if e.get("type") == "Netns")

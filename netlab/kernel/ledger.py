@@ -6,10 +6,14 @@ Layout under ``$NETLAB_RUN_DIR/<lab>/`` (default ``/run/netlab/<lab>/``):
   the object's fields for the types destroy reads them from: netns and files) is
   written with ``os.write`` on an ``O_APPEND`` fd *before* the object is created, so a SIGKILL
   between "created" and "recorded" cannot leak anything: destroy works from intents and
-  tolerates objects that never came to exist. ``failed`` marks an intent whose creation was
-  refused because the name was taken by someone else (destroy must not touch it); ``mkdir``
-  records directories apply created; ``process`` records a runtime process with its
+  tolerates objects that never came to exist. The objects destroy removes by name carry their
+  identity, recorded before the name is taken, so destroy removes only what this lab provably
+  made (a name it only intended may belong to someone else by then): a netns's intent carries
+  its ``cookie`` (written from inside the new, still nameless namespace), a file's its
+  ``dev``/``ino`` (made unnamed with O_TMPFILE, then linked in). ``mkdir`` records a directory
+  apply created, with its identity; ``process`` records a runtime process with its
   ``/proc/<pid>/stat`` starttime so a reused PID is never killed; ``done`` ends a good apply.
+  (``failed``, from older ledgers, marks an intent destroy must not touch.)
 - ``plan.json``: the plan that was applied (for ``status``; destroy never needs it).
 - ``lock``: ``<pid> <starttime>`` of the applying process while apply runs.
 
@@ -23,9 +27,11 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from netlab.errors import LabStateError
 from netlab.plan.types import Plan
 
 DEFAULT_RUN_DIR = "/run/netlab"
@@ -39,8 +45,8 @@ class LabExistsError(FileExistsError):
     pass
 
 
-class LabBusyError(RuntimeError):
-    pass
+class LabBusyError(LabStateError):
+    """Another live process is applying the lab."""
 
 
 def run_dir() -> Path:
@@ -103,18 +109,19 @@ def _line(d: dict[str, Any]) -> bytes:
     return (_ENCODER.encode(d) + "\n").encode()
 
 
-# The types whose intent carries the object's fields: destroy reads a netns's name and a file's
-# path. The others (devices, addresses, routes, rules, sysctls, ipsets, iptables) go with their
-# netns; their key names them (plan.json has their fields). A line per object is on apply's
-# critical path, 1000s per lab: a full line costs ~3 us of JSON encoding, a key line ~0.5 us.
-_WITH_FIELDS = frozenset({"Netns", "File"})
+# The types destroy removes by name: their intent carries the object's fields (destroy reads a
+# netns's name and a file's path) and its identity, and is written by Ledger.named / Ledger.file.
+# The others (devices, addresses, routes, rules, sysctls, ipsets, iptables) go with their netns;
+# their key names them (plan.json has their fields). A line per object is on apply's critical
+# path, 1000s per lab: a full line costs ~3 us of JSON encoding, a key line ~0.5 us.
+_WITH_IDENTITY = frozenset({"Netns", "File"})
 _esc = json.encoder.encode_basestring_ascii
 
 
 def _intent_line(o: Any) -> bytes:
     t = type(o).__name__
-    if t in _WITH_FIELDS:
-        return _line({"op": "intent", "key": o.key, "type": t, "obj": o.__dict__})
+    if t in _WITH_IDENTITY:
+        raise TypeError(f"a {t} intent carries its identity: use Ledger.named / Ledger.file")
     return f'{{"op":"intent","key":{_esc(o.key)},"type":"{t}"}}\n'.encode()
 
 
@@ -175,15 +182,27 @@ class Ledger:
         if objs:
             os.write(self._fd, b"".join(_intent_line(o) for o in objs))
 
-    def failed(self, obj: Any) -> None:
-        os.write(self._fd, _line({"op": "failed", "key": obj.key}))
+    def named(self, netns: Any, cookie: int, objs: Sequence[Any] = ()) -> None:
+        """Record ``netns`` with its identity, from inside the new namespace before it takes its
+        name (see :func:`netlab.kernel.ns.new_netns`), and the intents of ``objs`` (the pod's
+        devices, addresses...) in the same write: what a pod costs in ledger writes is unchanged."""
+        line = _line({"op": "intent", "key": netns.key, "type": "Netns", "obj": netns.__dict__, "cookie": cookie})
+        os.write(self._fd, line + b"".join(_intent_line(o) for o in objs))
 
-    def mkdir(self, path: str) -> None:
-        os.write(self._fd, _line({"op": "mkdir", "path": path}))
+    def file(self, f: Any, dev: int, ino: int) -> None:
+        """A file's intent with the identity of the unnamed inode that is about to take its path."""
+        os.write(self._fd, _line({"op": "intent", "key": f.key, "type": "File", "obj": f.__dict__,
+                                  "dev": dev, "ino": ino}))
 
-    def done(self) -> None:
+    def mkdir(self, path: str, dev: int, ino: int) -> None:
+        """A directory apply made (recorded once made: a kill in between leaves an empty directory
+        destroy does not claim)."""
+        os.write(self._fd, _line({"op": "mkdir", "path": path, "dev": dev, "ino": ino}))
+
+    def done(self, keep_lock: bool = False) -> None:
         os.write(self._fd, _line({"op": "done"}))
-        (self.dir / LOCK).unlink(missing_ok=True)
+        if not keep_lock:
+            release_lock(self.lab)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -211,9 +230,11 @@ def read_entries(lab: str) -> list[dict[str, Any]]:
     out = []
     for raw in data.splitlines():
         try:
-            out.append(json.loads(raw))
+            e = json.loads(raw)
         except ValueError:
             continue
+        if isinstance(e, dict):
+            out.append(e)
     return out
 
 
@@ -228,8 +249,36 @@ def read_lock(lab: str) -> tuple[int, int] | None:
     try:
         pid, st = (lab_dir(lab) / LOCK).read_text().split()
         return int(pid), int(st)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
+
+
+def locked_by(lab: str) -> int | None:
+    """The pid of another live process that holds ``lab``'s lock (applying it, starting its
+    processes, repairing it), or None."""
+    lock = read_lock(lab)
+    if lock and lock[0] != os.getpid() and pid_alive(*lock):
+        return lock[0]
+    return None
+
+
+def take_lock(lab: str) -> None:
+    """Hold ``lab`` (as apply does from Ledger.create) for work that is not an apply: `up --repair`.
+    LabBusyError if another live process holds it; a dead holder's lock is replaced."""
+    busy = locked_by(lab)
+    if busy:
+        raise LabBusyError(f"lab {lab!r} is being brought up or repaired by pid {busy}")
+    d = lab_dir(lab)
+    tmp = d / f".{LOCK}.{os.getpid()}"
+    tmp.write_text(f"{_self_id()}\n")
+    tmp.rename(d / LOCK)
+
+
+def release_lock(lab: str) -> None:
+    """End this process's hold on ``lab`` (see Ledger.create); another process's lock stays."""
+    lock = read_lock(lab)
+    if lock and f"{lock[0]} {lock[1]}" == _self_id():
+        (lab_dir(lab) / LOCK).unlink(missing_ok=True)
 
 
 def list_labs() -> list[str]:

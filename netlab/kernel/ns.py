@@ -14,17 +14,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import os
 import socket
+import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from netlab import testhooks
 
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns` keeps its bind mounts
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
 MNT_DETACH = 2
 SO_NETNS_COOKIE = 71  # Linux >= 5.14
+# nsfs ioctls (linux/nsfs.h): the namespace's type (Linux >= 4.11); its 64-bit id, which for a
+# network namespace is its cookie (Linux >= 6.18; older kernels: a socket made inside it)
+NS_GET_NSTYPE = 0xB703
+NS_GET_ID = 0x8008B70D
+NOT_A_NETNS = 0  # netns_id() of a name that holds a file but no namespace (no cookie is 0)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -104,6 +113,55 @@ def netns_cookie(name: str) -> int:
         return current_cookie()
 
 
+def netns_id(name: str) -> int | None:
+    """The cookie of the namespace mounted at ``/run/netns/<name>``: the identity `down` compares
+    with the one the ledger recorded. Cookies are 64-bit and never reused (an inode number is, as
+    soon as its namespace is freed). None if there is nothing at that name (or the name cannot
+    exist: too long, a ``/`` in it); :data:`NOT_A_NETNS` if a file is there but no namespace (the
+    placeholder of a creation that was killed before its bind mount)."""
+    try:
+        fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EINVAL):
+            return None
+        if e.errno == errno.ELOOP:  # a symlink: `ip netns` never makes one, nor do we
+            return NOT_A_NETNS
+        raise
+    try:
+        buf = bytearray(8)
+        try:
+            fcntl.ioctl(fd, NS_GET_ID, buf)
+            return int.from_bytes(buf, "little")
+        except OSError:
+            pass
+        try:
+            if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+                return NOT_A_NETNS
+        except OSError:  # not an nsfs file
+            return NOT_A_NETNS
+        home = own_netns_fd()  # a kernel without NS_GET_ID: ask a socket made inside it
+        try:
+            setns_fd(fd)
+            try:
+                return current_cookie()
+            finally:
+                setns_fd(home)
+        finally:
+            os.close(home)
+    finally:
+        os.close(fd)
+
+
+def is_placeholder(name: str) -> bool:
+    """An empty regular file at ``/run/netns/<name>``: what :func:`new_netns` leaves if it is
+    killed between taking the name and bind-mounting the namespace onto it."""
+    try:
+        st = os.lstat(netns_path(name))
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == 0
+
+
 def assert_socket_in(sock: socket.socket | int, expected_cookie: int, what: str) -> None:
     """Refuse to write through a socket that is not in the namespace we meant to configure."""
     got = socket_cookie(sock)
@@ -122,31 +180,41 @@ def create_netns(name: str) -> None:
 
 
 @contextlib.contextmanager
-def new_netns(name: str) -> Iterator[None]:
+def new_netns(name: str, before_name: Callable[[], None] | None = None) -> Iterator[None]:
     """Create ``name`` like :func:`create_netns` and run the body with the calling thread
     *inside* it, then return the thread where it was.
 
     Saves the open + two ``setns`` of a separate ``in_netns`` when the creator configures the
     namespace right away (apply does, once per pod). If the body raises, the namespace stays:
     the caller's ledger knows it and destroys it.
+
+    The namespace exists, nameless, before it takes its name: ``before_name`` runs in it then
+    (the thread is inside), which is where apply records its identity (cookie) in the ledger. So
+    whatever name this process is killed at, a namespace under a recorded name either has the
+    recorded cookie (ours) or not (someone else's); a namespace killed before it had a name
+    dies with the thread. Raises FileExistsError if the name is taken (after ``before_name``).
     """
     _ensure_run_netns_shared()
     path = netns_path(name)
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-    os.close(fd)
     home = own_netns_fd()
     try:
+        _check(_libc.unshare(CLONE_NEWNET), f"unshare for {name!r}")
         try:
-            _check(_libc.unshare(CLONE_NEWNET), f"unshare for {name!r}")
+            if before_name is not None:
+                before_name()
+            if testhooks.ARMED:
+                testhooks.point(f"netns:{name}")
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o444)
+            os.close(fd)
             try:
                 src = f"/proc/{os.getpid()}/task/{threading.get_native_id()}/ns/net".encode()
                 _check(_libc.mount(src, str(path).encode(), b"none", MS_BIND, None), f"bind-mount netns {name!r}")
             except BaseException:
-                setns_fd(home)
+                with contextlib.suppress(OSError):
+                    path.unlink()
                 raise
         except BaseException:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            setns_fd(home)  # the nameless namespace goes with the last reference to it
             raise
         try:
             yield
@@ -159,8 +227,12 @@ def new_netns(name: str) -> Iterator[None]:
 def delete_netns(name: str) -> bool:
     """Remove a named namespace like ``ip netns delete``; True if it existed."""
     path = netns_path(name)
-    if not path.exists():
-        return False
+    try:
+        os.lstat(path)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):  # (a name that cannot exist)
+            return False
+        raise
     ret = _libc.umount2(str(path).encode(), MNT_DETACH)
     if ret != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
         err = ctypes.get_errno()
