@@ -219,7 +219,11 @@ def cmd_logs(a: argparse.Namespace) -> int:
 
     lab = Lab.attach(a.lab)
     if a.conn:
-        legs = lab.connection_legs(a.component)[-a.lines:]
+        legs, skipped = lab.connection_legs_counted(a.component)
+        legs = legs[-a.lines:]
+        if skipped:
+            print(f"netlab: skipped {skipped} line{'s' if skipped != 1 else ''} of {lab.state_dir / 'conn'} "
+                  "that are not connection legs", file=sys.stderr)
         if a.json:
             print(json.dumps(legs, indent=2))
             return 0

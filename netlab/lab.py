@@ -255,12 +255,20 @@ class Lab:
 
     def connection_legs(self, component: str | None = None) -> list[dict[str, Any]]:
         """The proxies' connection legs (one per proxied connection), oldest first."""
-        from netlab.mesh.connlog import read_legs
+        return self.connection_legs_counted(component)[0]
 
-        d = self.state_dir / "conn"
-        files = sorted(d.glob("*.jsonl")) if d.is_dir() else []
-        legs = [leg for f in files if component in (None, f.stem) for leg in read_legs(f)]
-        return sorted(legs, key=lambda leg: leg.get("start", 0))
+    def connection_legs_counted(self, component: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """(legs oldest first, lines skipped because they are no leg) of the proxies' logs."""
+        from netlab.mesh.connlog import components, read_legs_counted
+
+        legs: list[dict[str, Any]] = []
+        skipped = 0
+        for name, path in components(self.state_dir / "conn").items():
+            if component in (None, name):
+                got, bad = read_legs_counted(path)
+                legs += got
+                skipped += bad
+        return sorted(legs, key=lambda leg: leg.get("start", 0)), skipped
 
     def logs(self, component: str | None, lines: int = 50, follow: bool = False) -> None:
         from netlab.runtime import logs

@@ -1,17 +1,20 @@
 """What a proxy process of a lab needs at start: the registry, the trust root, its certificates.
 
 ``Lab.up`` prepares it all in the lab's state directory before any proxy starts (istiod's job):
-``registry.json`` and a CA under ``ca/`` with a leaf for every identity the lab has. Proxies only
-read files, so a sidecar running as uid 1337 never needs the CA key.
+``registry.json`` and a CA under ``ca/`` with a leaf for every identity the lab has, and each
+proxy's connection-log files in ``conn/`` (root's directory; a sidecar's files belong to uid
+1337). Proxies only read files, so a sidecar running as uid 1337 never needs the CA key.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from netlab import istio
+from netlab.mesh import connlog
 from netlab.mesh.ca import LabCA
 from netlab.mesh.registry import Registry, build_registry
 from netlab.plan.types import Plan
@@ -19,6 +22,7 @@ from netlab.plan.types import Plan
 REGISTRY_FILE = "registry.json"
 CA_DIR = "ca"
 CONN_LOG_DIR = "conn"
+PROXY_KINDS = ("ztunnel", "sidecar", "waypoint")
 
 
 def ztunnel_identity(trust_domain: str = istio.TRUST_DOMAIN) -> str:
@@ -41,11 +45,25 @@ def prepare(plan: Plan, state_dir: str | os.PathLike[str]) -> Registry:
             cert, key = ca.issue(w.identity)
             for p in (cert.parent, cert, key):
                 os.chown(p, istio.PROXY_UID, istio.PROXY_GID)
-    (sd / CONN_LOG_DIR).mkdir(exist_ok=True)
-    os.chmod(sd / CONN_LOG_DIR, 0o1777)  # sidecars (uid 1337) append their connection logs here
+    conn = _root_dir(sd / CONN_LOG_DIR)  # nobody but root may create or rename anything here
+    for proc in plan.processes:
+        if proc.kind in PROXY_KINDS:
+            connlog.prepare(conn / f"{proc.name}.jsonl", proc.uid, proc.gid)
     for d in (sd, sd / CA_DIR, sd / CA_DIR / "certs"):
         os.chmod(d, 0o755)
     return reg
+
+
+def _root_dir(d: Path) -> Path:
+    """``d`` as a directory of root's, mode 0755 (made here, or checked: no symlink, no other owner)."""
+    try:
+        d.mkdir(mode=0o755)
+    except FileExistsError:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(f"{d}: not a directory of ours; not writing into it") from None
+    os.chmod(d, 0o755)
+    return d
 
 
 @dataclass
