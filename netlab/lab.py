@@ -94,18 +94,19 @@ class Lab:
         return lab_obj
 
     def _start_runtime(self, progress: Progress | None) -> None:
-        procs = self.plan.processes
+        procs: list[Any] = list(self.plan.processes)
         if any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
             from netlab.mesh import bootstrap
 
-            bootstrap.prepare(self.plan, self.state_dir)
+            reg = bootstrap.prepare(self.plan, self.state_dir)
+            procs = bootstrap.supervised(self.plan, self.state_dir, reg)
         if not procs:
             return
         from netlab.runtime.supervisor import start_supervisor
 
         if progress:
             progress("processes", 0, len(procs))
-        start_supervisor(self.name, list(procs), str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
+        start_supervisor(self.name, procs, str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
         if progress:
             progress("processes", len(procs), len(procs))
 

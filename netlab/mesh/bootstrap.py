@@ -3,25 +3,29 @@
 ``Lab.up`` prepares it all in the lab's state directory before any proxy starts (istiod's job):
 ``registry.json`` and a CA under ``ca/`` with a leaf for every identity the lab has, and each
 proxy's connection-log files in ``conn/`` (root's directory; a sidecar's files belong to uid
-1337). Proxies only read files, so a sidecar running as uid 1337 never needs the CA key.
+1337). Proxies only read files, so a sidecar running as uid 1337 never needs the CA key; what
+it sees of the state directory at all is its own view (:func:`sidecar_view`): the registry,
+the plan, the CA certificate, its own certificate and key, its own connection log.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from netlab import istio
 from netlab.mesh import connlog
 from netlab.mesh.ca import LabCA
 from netlab.mesh.registry import Registry, build_registry
-from netlab.plan.types import Plan
+from netlab.plan.types import Plan, Process
 
 REGISTRY_FILE = "registry.json"
 CA_DIR = "ca"
 CONN_LOG_DIR = "conn"
+PLAN_FILE = "plan.json"
 PROXY_KINDS = ("ztunnel", "sidecar", "waypoint")
 
 
@@ -64,6 +68,33 @@ def _root_dir(d: Path) -> Path:
             raise OSError(f"{d}: not a directory of ours; not writing into it") from None
     os.chmod(d, 0o755)
     return d
+
+
+def sidecar_view(reg: Registry, state_dir: str | os.PathLike[str], proc: Process) -> dict[str, list[str]]:
+    """What a sidecar process sees of the labs' state (``netlab.runtime.mountview``): nothing of
+    any lab's directory but its registry, plan and CA certificate, its own certificate directory
+    (read-only) and its own connection-log files (writable). Every sidecar runs as uid 1337:
+    without this each could read every other's key, of this lab and of any other."""
+    sd = Path(state_dir).resolve()
+    ctx = MeshContext(state_dir=sd, registry=reg)
+    ns, _, name = proc.ref.partition("/")
+    me = next(w for w in reg.workloads.values() if w.namespace == ns and w.name == name)
+    cert, _key = ctx.cert_for(me.identity)
+    runs = sd.parent if len(sd.parent.parts) > 2 else sd  # never a tmpfs over / or /run
+    return {"hide": [str(runs)],
+            "expose": [str(sd / REGISTRY_FILE), str(sd / PLAN_FILE), str(ctx.ca_cert), str(cert.parent)],
+            "expose_rw": [str(f) for f in connlog.files_of(ctx.conn_log_path(proc.name))]}
+
+
+def supervised(plan: Plan, state_dir: str | os.PathLike[str], reg: Registry) -> list[dict[str, Any]]:
+    """The plan's processes as the supervisor's spec dicts, sidecars with their view."""
+    out = []
+    for p in plan.processes:
+        d = asdict(p)
+        if p.kind == "sidecar":
+            d.update(sidecar_view(reg, state_dir, p))
+        out.append(d)
+    return out
 
 
 @dataclass
