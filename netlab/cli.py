@@ -51,9 +51,13 @@ def _progress_printer(quiet: bool) -> Any:
 def cmd_up(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
+    from netlab.child_setup import low_nofile_warning
+
     t0 = time.monotonic()
     if not a.quiet:
         print(f"netlab: bringing up {a.topology}" + (f" as {a.name}" if a.name else ""), file=sys.stderr)
+    if warning := low_nofile_warning():
+        print(f"netlab: warning: {warning}", file=sys.stderr)
     lab = Lab.up(a.topology, name=a.name, tunnel=a.tunnel, progress=_progress_printer(a.quiet))
     st = lab.status()
     if a.json:
