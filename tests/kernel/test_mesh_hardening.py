@@ -54,18 +54,7 @@ SC_SLEEP = "sleep.sc-sidecar"
 BAR_HTTPBIN = "httpbin.bar-sidecar"
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    d = tmp_path_factory.mktemp("hxh")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("NETLAB_RUN_DIR", str(d / "run"))
-    yield d
-    mp.undo()
-
-
-@pytest.fixture(autouse=True)
-def _run_dir_env(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NETLAB_RUN_DIR", str(run_dir / "run"))
+run_dir, netlab_run_dir, _ = lg.lab_fixtures("hxh", {})  # a private NETLAB_RUN_DIR for this module
 
 
 @pytest.fixture(scope="module")
