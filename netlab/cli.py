@@ -53,11 +53,15 @@ def _progress_printer(quiet: bool) -> Any:
 def cmd_up(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
+    from netlab.child_setup import low_nofile_warning
+
     t0 = time.monotonic()
     if a.repair:
         return _repair(a, t0)
     if not a.quiet:
         print(f"netlab: bringing up {a.topology}" + (f" as {a.name}" if a.name else ""), file=sys.stderr)
+    if warning := low_nofile_warning():
+        print(f"netlab: warning: {warning}", file=sys.stderr)
     lab = Lab.up(a.topology, name=a.name, tunnel=a.tunnel, progress=_progress_printer(a.quiet))
     st = lab.status()
     if a.json:
@@ -268,7 +272,11 @@ def cmd_logs(a: argparse.Namespace) -> int:
 
     lab = Lab.attach(a.lab)
     if a.conn:
-        legs = lab.connection_legs(a.component)[-a.lines:]
+        legs, skipped = lab.connection_legs_counted(a.component)
+        legs = legs[-a.lines:]
+        if skipped:
+            print(f"netlab: skipped {skipped} line{'s' if skipped != 1 else ''} of {lab.state_dir / 'conn'} "
+                  "that are not connection legs", file=sys.stderr)
         if a.json:
             print(json.dumps(legs, indent=2))
             return 0

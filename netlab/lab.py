@@ -136,11 +136,14 @@ class Lab:
         return obj, problems
 
     def _start_runtime(self, progress: Progress | None, bootstrap: bool = True) -> None:
-        procs = self.plan.processes
-        if bootstrap and any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
+        procs: list[Any] = list(self.plan.processes)
+        if any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
             from netlab.mesh import bootstrap as mesh_bootstrap
 
-            mesh_bootstrap.prepare(self.plan, self.state_dir)
+            # a repair keeps the registry, CA and connection-log files `up` made
+            reg = (mesh_bootstrap.prepare(self.plan, self.state_dir) if bootstrap
+                   else mesh_bootstrap.MeshContext.load(self.state_dir).registry)
+            procs = mesh_bootstrap.supervised(self.plan, self.state_dir, reg)
         if not procs:
             return
         from netlab.runtime.supervisor import start_supervisor
@@ -149,7 +152,7 @@ class Lab:
             testhooks.point("runtime")
         if progress:
             progress("processes", 0, len(procs))
-        start_supervisor(self.name, list(procs), str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
+        start_supervisor(self.name, procs, str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
         if progress:
             progress("processes", len(procs), len(procs))
 
@@ -370,12 +373,20 @@ class Lab:
 
     def connection_legs(self, component: str | None = None) -> list[dict[str, Any]]:
         """The proxies' connection legs (one per proxied connection), oldest first."""
-        from netlab.mesh.connlog import read_legs
+        return self.connection_legs_counted(component)[0]
 
-        d = self.state_dir / "conn"
-        files = sorted(d.glob("*.jsonl")) if d.is_dir() else []
-        legs = [leg for f in files if component in (None, f.stem) for leg in read_legs(f)]
-        return sorted(legs, key=lambda leg: leg.get("start", 0))
+    def connection_legs_counted(self, component: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """(legs oldest first, lines skipped because they are no leg) of the proxies' logs."""
+        from netlab.mesh.connlog import components, read_legs_counted
+
+        legs: list[dict[str, Any]] = []
+        skipped = 0
+        for name, path in components(self.state_dir / "conn").items():
+            if component in (None, name):
+                got, bad = read_legs_counted(path)
+                legs += got
+                skipped += bad
+        return sorted(legs, key=lambda leg: leg.get("start", 0)), skipped
 
     def logs(self, component: str | None, lines: int = 50, follow: bool = False) -> None:
         from netlab.runtime import logs

@@ -29,7 +29,6 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import socket
 import statistics
 import threading
@@ -68,14 +67,10 @@ def load_scale(default: tuple[int, int] = DEFAULT_SCALE) -> tuple[int, int]:
 
 
 def raise_nofile(want: int = 65536) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = max(soft, min(want, hard if hard != resource.RLIM_INFINITY else want))
-    if target > soft:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target) if hard != resource.RLIM_INFINITY else hard))
-        except (ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(target, hard), hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    """The client's fd limit, raised with the lab's own helper (``netlab.child_setup``)."""
+    from netlab.child_setup import NOFILE, raise_nofile as _raise
+
+    return _raise(max(want, NOFILE))
 
 
 def run_in_netns(netns: str, fn: Callable[[], T]) -> T:

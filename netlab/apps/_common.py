@@ -13,7 +13,6 @@ import asyncio
 import datetime as _dt
 import json
 import os
-import resource
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -63,16 +62,6 @@ def announce_ready(name: str, app: str, ports: list[int], **extra: Any) -> None:
     rec = {"event": "ready", "app": app, "name": name, "pid": os.getpid(), "ports": ports, **extra}
     sys.stdout.write(json.dumps(rec, separators=(",", ":")) + "\n")
     sys.stdout.flush()
-
-
-def raise_nofile(want: int = 65536) -> int:
-    """Raise the soft fd limit toward the hard limit; load tests open >1000 sockets at once."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft
 
 
 def peer_ip_port(peer: Any) -> tuple[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from netlab import child_setup
 from netlab.apps import _common
 from netlab.apps._http import Request, Response, make_connection_handler
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", default=os.environ.get("SERVICE_VERSION", "v1"),
                    help="version string in the reply (default $SERVICE_VERSION or v1, like the sample)")
     args = p.parse_args(argv)
-    _common.raise_nofile()
+    child_setup.setup()  # fd limit; dies with the supervisor
     name = _common.pod_name(args)
     log = _common.JsonLog(args.log)
 

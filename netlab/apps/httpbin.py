@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
+from netlab import child_setup
 from netlab.apps import _common
 from netlab.apps._http import Request, Response, make_connection_handler
 
@@ -141,7 +142,7 @@ def make_handler(name: str) -> Any:
 
 def main(argv: list[str] | None = None) -> None:
     args = _common.base_parser("netlab.apps.httpbin", 8080, __doc__.splitlines()[0]).parse_args(argv)
-    _common.raise_nofile()
+    child_setup.setup()  # fd limit; dies with the supervisor
     name = _common.pod_name(args)
     log = _common.JsonLog(args.log)
 

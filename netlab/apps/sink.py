@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import time
 
+from netlab import child_setup
 from netlab.apps import _common
 
 READ_SIZE = 256 * 1024
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", choices=("sha256", "echo"), default="sha256")
     p.add_argument("--quiet", action="store_true", help="no per-connection log lines")
     args = p.parse_args(argv)
-    nofile = _common.raise_nofile()
+    nofile = child_setup.setup()  # fd limit; dies with the supervisor
     name = _common.pod_name(args)
     log = None if args.quiet else _common.JsonLog(args.log)
 

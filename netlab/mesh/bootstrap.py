@@ -1,25 +1,33 @@
 """What a proxy process of a lab needs at start: the registry, the trust root, its certificates.
 
 ``Lab.up`` prepares it all in the lab's state directory before any proxy starts (istiod's job):
-``registry.json`` and a CA under ``ca/`` with a leaf for every identity the lab has. Proxies only
-read files, so a sidecar running as uid 1337 never needs the CA key.
+``registry.json`` and a CA under ``ca/`` with a leaf for every identity the lab has, and each
+proxy's connection-log files in ``conn/`` (root's directory; a sidecar's files belong to uid
+1337). Proxies only read files, so a sidecar running as uid 1337 never needs the CA key; what
+it sees of the state directory at all is its own view (:func:`sidecar_view`): the registry,
+the plan, the CA certificate, its own certificate and key, its own connection log.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from netlab import istio
+from netlab.mesh import connlog
 from netlab.mesh.ca import CERTS_DIR, LabCA
 from netlab.mesh.registry import Registry, build_registry
 from netlab.names import cert_dir_name
-from netlab.plan.types import Plan
+from netlab.plan.types import Plan, Process
 
 REGISTRY_FILE = "registry.json"
 CA_DIR = "ca"
 CONN_LOG_DIR = "conn"
+PLAN_FILE = "plan.json"
+PROXY_KINDS = ("ztunnel", "sidecar", "waypoint")
 
 
 def ztunnel_identity(trust_domain: str = istio.TRUST_DOMAIN) -> str:
@@ -42,11 +50,52 @@ def prepare(plan: Plan, state_dir: str | os.PathLike[str]) -> Registry:
             cert, key = ca.issue(w.identity)
             for p in (cert.parent, cert, key):
                 os.chown(p, istio.PROXY_UID, istio.PROXY_GID)
-    (sd / CONN_LOG_DIR).mkdir(exist_ok=True)
-    os.chmod(sd / CONN_LOG_DIR, 0o1777)  # sidecars (uid 1337) append their connection logs here
+    conn = _root_dir(sd / CONN_LOG_DIR)  # nobody but root may create or rename anything here
+    for proc in plan.processes:
+        if proc.kind in PROXY_KINDS:
+            connlog.prepare(conn / f"{proc.name}.jsonl", proc.uid, proc.gid)
     for d in (sd, sd / CA_DIR, sd / CA_DIR / "certs"):
         os.chmod(d, 0o755)
     return reg
+
+
+def _root_dir(d: Path) -> Path:
+    """``d`` as a directory of root's, mode 0755 (made here, or checked: no symlink, no other owner)."""
+    try:
+        d.mkdir(mode=0o755)
+    except FileExistsError:
+        st = os.lstat(d)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise OSError(f"{d}: not a directory of ours; not writing into it") from None
+    os.chmod(d, 0o755)
+    return d
+
+
+def sidecar_view(reg: Registry, state_dir: str | os.PathLike[str], proc: Process) -> dict[str, list[str]]:
+    """What a sidecar process sees of the labs' state (``netlab.runtime.mountview``): nothing of
+    any lab's directory but its registry, plan and CA certificate, its own certificate directory
+    (read-only) and its own connection-log files (writable). Every sidecar runs as uid 1337:
+    without this each could read every other's key, of this lab and of any other."""
+    sd = Path(state_dir).resolve()
+    ctx = MeshContext(state_dir=sd, registry=reg)
+    ns, _, name = proc.ref.partition("/")
+    me = next(w for w in reg.workloads.values() if w.namespace == ns and w.name == name)
+    cert, _key = ctx.cert_for(me.identity)
+    runs = sd.parent if len(sd.parent.parts) > 2 else sd  # never a tmpfs over / or /run
+    return {"hide": [str(runs)],
+            "expose": [str(sd / REGISTRY_FILE), str(sd / PLAN_FILE), str(ctx.ca_cert), str(cert.parent)],
+            "expose_rw": [str(f) for f in connlog.files_of(ctx.conn_log_path(proc.name))]}
+
+
+def supervised(plan: Plan, state_dir: str | os.PathLike[str], reg: Registry) -> list[dict[str, Any]]:
+    """The plan's processes as the supervisor's spec dicts, sidecars with their view."""
+    out = []
+    for p in plan.processes:
+        d = asdict(p)
+        if p.kind == "sidecar":
+            d.update(sidecar_view(reg, state_dir, p))
+        out.append(d)
+    return out
 
 
 @dataclass

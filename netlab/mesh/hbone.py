@@ -111,6 +111,13 @@ H2_DEFAULT_WINDOW = 65535
 # so 1000 new connections on 2 shared cores queue for seconds; the 2 s stays on the TCP connect
 # and the handshake gets ztunnel's 10 s (docs/deviations.md).
 TLS_HANDSHAKE_TIMEOUT_S = 10.0
+# How long an accepted HBONE connection may take to finish the TLS handshake *and* send the
+# HTTP/2 client preface (magic + SETTINGS), counted from accept. ztunnel 1.18 accepts through
+# tls-listener 0.6 (its Cargo.toml), whose default handshake timeout is 10 s (tls-listener
+# CHANGELOG 0.6.0: "Increased default handshake timeout to 10 seconds"); the lab applies it to
+# the preface too, so a peer that completes mTLS and then says nothing is cut after 10 s
+# instead of holding a connection (and its TLS state) forever.
+HANDSHAKE_AND_PREFACE_TIMEOUT_S = TLS_HANDSHAKE_TIMEOUT_S
 TLS_WRITE_HIGH = 2 * 1024 * 1024
 TLS_WRITE_LOW = 512 * 1024
 # The zero-copy receive path calls H2Connection._receive_frame and the send path drives h2's
@@ -402,6 +409,7 @@ class _H2Conn(asyncio.Protocol):
         self.local_addr: tuple[Any, ...] = ()
         self.peer_addr: tuple[Any, ...] = ()
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.preface: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # peer's SETTINGS seen
         self._lost = False
         self.extra: dict[str, Any] = {}  # free slot for the owner (e.g. "known workload")
         self._fast = False
@@ -593,6 +601,8 @@ class _H2Conn(asyncio.Protocol):
             if (s := self.streams.get(ev.stream_id)) is not None and not s._response.done():
                 s._response.set_result(list(ev.headers))  # type: ignore[arg-type]
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            if not self.preface.done():
+                self.preface.set_result(None)
             for s in list(self.streams.values()):
                 self._flush_stream(s, send=False)
         elif isinstance(ev, h2.events.ConnectionTerminated):
@@ -711,6 +721,12 @@ class _H2Conn(asyncio.Protocol):
         for s in list(self.streams.values()):
             s._on_closed(exc)
         self.streams.clear()
+
+    def abort(self) -> None:
+        """Drop the connection with a TCP RST, saying nothing more."""
+        if self.transport is not None and not self._lost:
+            set_linger_zero(self.transport.get_extra_info("socket"))
+            self.transport.abort()
 
     def close(self) -> None:
         if self.transport is not None and not self._lost:
@@ -910,7 +926,7 @@ class HboneServer:
         trust_domain: str = TRUST_DOMAIN,
         check_authority: bool = True,
         on_relay_done: Callable[[ConnectRequest, RelayResult], None] | None = None,
-        handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_S,
+        handshake_timeout: float = HANDSHAKE_AND_PREFACE_TIMEOUT_S,
     ) -> None:
         self.handler = handler
         self.cert_for = cert_for
@@ -1006,6 +1022,7 @@ class HboneServer:
 
     async def _serve_conn(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.handshake_timeout  # TLS handshake and HTTP/2 preface
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1034,12 +1051,28 @@ class HboneServer:
         if conn.failed:
             self.stats["tls_rejected"] += 1
             return
+        if not await self._preface_by(conn, deadline):
+            return
         self.stats["connections"] += 1
         self._conns.add(conn)
         try:
             await conn.closed
         finally:
             self._conns.discard(conn)
+
+    async def _preface_by(self, conn: _H2Conn, deadline: float) -> bool:
+        """Wait until the client's HTTP/2 preface arrived; past ``deadline``, reset the connection."""
+        if not conn.preface.done():
+            left = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait({conn.preface, conn.closed}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        if conn.preface.done():
+            return True
+        if not conn.closed.done():
+            self.stats["preface_timeout"] += 1
+            log.info("hbone: no HTTP/2 preface from %s within %gs of accept; resetting", conn.peer_addr,
+                     self.handshake_timeout)
+            conn.abort()
+        return False
 
     def _on_request(self, conn: _H2Conn, stream: HboneStream, headers: list[tuple[str, str]]) -> None:
         self._spawn(self._serve_stream(conn, stream, headers))

@@ -23,9 +23,17 @@ program a topology file named) and ``no_new_privs`` set, so a setuid binary cann
 the drop to the pod's user gave away.
 
 Dropping to ``uid``/``gid`` (sidecars run as 1337:1337) happens after ``setns``, which needs
-root. If that user cannot read the interpreter (on the dev VM Python lives under a 0700
-``/root``), the child keeps CAP_DAC_READ_SEARCH as an *ambient* capability so it can still
-exec and import; nothing else is kept unless the spec's ``caps`` asks for it.
+root, and leaves the process no capability at all (effective, permitted, inheritable, ambient and
+bounding sets empty) unless the spec's ``caps`` asks for some. Such a process gets a private
+mount namespace and a view of the file system (:mod:`netlab.runtime.mountview`): the
+interpreter is reachable even where it lives under a 0700 directory (pyenv under ``/root``),
+and the spec's ``hide``/``expose`` decide what else it sees (a sidecar: its own key, not its
+neighbours'). Its real gid is 65534 while its effective, saved and file-system gids are ``gid``
+(what ``--gid-owner`` matches): a program started with real and effective gids that differ is
+not dumpable from its first instruction (fs/exec.c), and no other process of the same uid
+may ptrace it or open ``/proc/<pid>/root`` (kernel/ptrace.c compares all three gids). Sidecars
+all run as 1337 in one PID namespace, so this is what keeps one out of another's memory and
+mount namespace. (Not with ``caps``: ambient capabilities do not survive such an exec.)
 """
 
 from __future__ import annotations
@@ -33,7 +41,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -41,14 +48,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from netlab import child_setup
 from netlab.kernel import ns
+from netlab.runtime import mountview
 
 CLONE_NEWNS = 0x00020000
 MS_BIND, MS_REC, MS_SLAVE, MS_RDONLY = 4096, 16384, 1 << 19, 1
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 8, 47, 2
+PR_SET_PDEATHSIG, PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 1, 8, 24, 47, 2
 PR_SET_NO_NEW_PRIVS = 38
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: Real gid of a process dropped to a uid without capabilities (see the module doc): nogroup.
+DROPPED_REAL_GID = 65534
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 CAPS = {"CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_ADMIN": 12,
@@ -89,6 +100,9 @@ class ProcSpec:
     ready_port: int = 0  # run="exec": probe this port (ready_path: HTTP GET) from ready_hosts
     ready_path: str = ""
     ready_hosts: tuple[str, ...] = ()
+    hide: tuple[str, ...] = ()  # directories this process sees empty (netlab.runtime.mountview)
+    expose: tuple[str, ...] = ()  # paths under ``hide`` it sees after all, read-only
+    expose_rw: tuple[str, ...] = ()  # ... and writable
 
     @classmethod
     def from_any(cls, p: Any) -> "ProcSpec":
@@ -103,8 +117,8 @@ class ProcSpec:
         d["argv"] = tuple(d.get("argv") or ())
         env = d.get("env") or ()
         d["env"] = tuple(sorted(env.items())) if isinstance(env, Mapping) else tuple(tuple(e) for e in env)
-        d["caps"] = tuple(d.get("caps") or ())
-        d["ready_hosts"] = tuple(d.get("ready_hosts") or ())
+        for k in ("caps", "hide", "expose", "expose_rw", "ready_hosts"):
+            d[k] = tuple(d.get(k) or ())
         spec = cls(**d)
         spec.validate()
         return spec
@@ -129,6 +143,14 @@ class ProcSpec:
         for c in self.caps:
             if c not in CAPS:
                 raise ValueError(f"process {self.name!r}: unknown capability {c!r} (known: {sorted(CAPS)})")
+        for v in self.hide + self.expose + self.expose_rw:
+            if not os.path.isabs(v):
+                raise ValueError(f"process {self.name!r}: hide/expose path {v!r} is not absolute")
+
+    @property
+    def private_view(self) -> bool:
+        """A mount namespace of its own: asked for, or needed to drop to another uid."""
+        return self.exec_mode == "setns" and bool(self.uid or self.gid or self.hide)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -144,51 +166,20 @@ class ProcSpec:
         return cmd
 
 
-def _can_access(path: str, uid: int, gid: int, mode: int) -> bool:
-    """Would ``uid:gid`` (no supplementary groups) get ``mode`` (R_OK/X_OK bits) on ``path``?"""
-    if uid == 0:
-        return True
-    p = Path(os.path.realpath(path))
-    chain = list(reversed(p.parents)) + [p]
-    for i, d in enumerate(chain):
-        try:
-            st = os.stat(d)
-        except OSError:
-            return False
-        need = mode if i == len(chain) - 1 else os.X_OK
-        if st.st_uid == uid:
-            bits = (st.st_mode >> 6) & 7
-        elif st.st_gid == gid:
-            bits = (st.st_mode >> 3) & 7
-        else:
-            bits = st.st_mode & 7
-        if stat.S_ISDIR(st.st_mode) and i == len(chain) - 1:
-            need = os.X_OK | os.R_OK if mode & os.R_OK else os.X_OK
-        if bits & need != need:
-            return False
-    return True
-
-
-def needs_read_search(uid: int, gid: int) -> bool:
-    """True if uid:gid cannot exec this interpreter or read the stdlib and netlab itself."""
-    import netlab
-
-    paths = [(sys.executable, os.X_OK | os.R_OK), (os.path.dirname(os.__file__), os.R_OK),
-             (list(netlab.__path__)[0], os.R_OK)]
-    return not all(_can_access(p, uid, gid, m) for p, m in paths)
-
-
 def _check(ret: int, what: str) -> None:
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def _private_mount_ns() -> None:
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # Don't let our mounts propagate back to the host's mount namespace.
+    _check(_libc.mount(b"none", b"/", None, MS_SLAVE | MS_REC, None), "mount --make-rslave /")
+
+
 def _mount_netns_etc(netns: str) -> None:
     """What ``ip netns exec`` does after setns (iproute2 lib/namespace.c netns_switch)."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    # Don't let our bind mounts propagate back to the host's mount namespace.
-    _check(_libc.mount(b"none", b"/", None, MS_SLAVE | MS_REC, None), "mount --make-rslave /")
     flags = 0
     if _libc.umount2(b"/sys", MNT_DETACH) != 0:
         flags = MS_RDONLY
@@ -201,41 +192,71 @@ def _mount_netns_etc(netns: str) -> None:
                    f"bind {entry} -> {target}")
 
 
+def _cap_last() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    except (OSError, ValueError):
+        return 40
+
+
+_CAP_LAST = _cap_last()
+
+
 def _drop_privileges(uid: int, gid: int, caps: tuple[str, ...]) -> None:
     mask = 0
     for c in caps:
         mask |= 1 << CAPS[c]
+    for cap in range(_CAP_LAST + 1):  # the bounding set: nothing the process could ever regain
+        if not mask & (1 << cap):
+            _check(_libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {cap})")
     if mask:
         _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "prctl(PR_SET_KEEPCAPS)")
     os.setgroups([])
-    os.setresgid(gid, gid, gid)
+    # not with caps: an exec with real gid != effective gid clears the ambient set
+    os.setresgid(gid if mask or not uid else DROPPED_REAL_GID, gid, gid)
     os.setresuid(uid, uid, uid)
-    if mask:
-        hdr = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
-        data = (_CapData * 2)()
-        for i in range(2):
-            word = (mask >> (32 * i)) & 0xFFFFFFFF
-            data[i].effective = data[i].permitted = data[i].inheritable = word
-        _check(_libc.capset(ctypes.byref(hdr), data), "capset")
-        for c in caps:
-            _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAPS[c], 0, 0), f"ambient raise {c}")
+    hdr = _CapHeader(LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        word = (mask >> (32 * i)) & 0xFFFFFFFF
+        data[i].effective = data[i].permitted = data[i].inheritable = word
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+    for c in caps:
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAPS[c], 0, 0), f"ambient raise {c}")
 
 
-def make_preexec(spec: ProcSpec, caps: tuple[str, ...], parent_pid: int) -> Any:
+def plan_view(spec: ProcSpec) -> list[mountview.Op]:
+    """The mounts of ``spec``'s private view (run in the supervisor, before fork): its own
+    ``hide``/``expose``, and the interpreter made reachable for its uid."""
+    if not spec.private_view:
+        return []
+    reach = mountview.interpreter_paths() if spec.uid else []
+    return mountview.plan_view(spec.uid, spec.gid, hide=spec.hide, expose=spec.expose, expose_rw=spec.expose_rw,
+                               reach=reach)
+
+
+def make_preexec(spec: ProcSpec, caps: tuple[str, ...], parent_pid: int,
+                 view: list[mountview.Op] | None = None) -> Any:
     """The function run in the child between fork and exec (stdout/stderr already on the log)."""
 
     def preexec() -> None:
         try:
             if spec.netns and spec.exec_mode == "setns":
                 ns.setns(spec.netns)
-                if spec.netns_etc:
-                    _mount_netns_etc(spec.netns)
+            if spec.netns_etc or spec.private_view:
+                _private_mount_ns()
+            if spec.netns_etc:
+                _mount_netns_etc(spec.netns)
+            if view:
+                mountview.apply_view(view)
+            child_setup.raise_nofile()  # as root: the hard limit too, whatever `up` was run under
             if spec.uid or spec.gid:
                 _drop_privileges(spec.uid, spec.gid, caps)
             if spec.run == "exec":
                 _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
             # Last, because credential changes reset it: if the supervisor dies (even by
-            # SIGKILL) its children get SIGTERM instead of running on unsupervised.
+            # SIGKILL) its children get SIGTERM instead of running on unsupervised. (Cleared
+            # again at exec for a real gid != effective gid: child_setup sets it once more.)
             _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
             if os.getppid() != parent_pid:
                 os._exit(70)
@@ -259,6 +280,7 @@ def child_env(spec: ProcSpec, lab: str, base: Mapping[str, str] | None = None) -
     root = str(Path(list(netlab.__path__)[0]).parent)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(PYTHONUNBUFFERED="1", NETLAB_LAB=lab, NETLAB_PROC=spec.name, NETLAB_NETNS=spec.netns)
+    env[child_setup.SUPERVISOR_PID_ENV] = str(os.getpid())
     env.update(dict(spec.env))
     return env
 
@@ -269,8 +291,9 @@ def spawn(spec: ProcSpec, lab: str, log_fd: int, caps: tuple[str, ...] = ()) -> 
     ``start_new_session`` makes the child a process-group leader so the supervisor can signal
     the whole group (the app and anything it forked) with one killpg.
     """
+    view = plan_view(spec)  # ValueError: the view cannot be made (the supervisor logs it)
     return subprocess.Popen(
         spec.command(), stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True,
         cwd="/", env=child_env(spec, lab), start_new_session=True,
-        preexec_fn=make_preexec(spec, caps, os.getpid()),
+        preexec_fn=make_preexec(spec, caps, os.getpid(), view),
     )

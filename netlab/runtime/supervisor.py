@@ -40,7 +40,7 @@ from typing import Any
 from netlab.runtime import procfs
 from netlab.runtime.logs import last_lines as _log_tail
 from netlab.runtime.probe import ReadyCheck, is_ready_line
-from netlab.runtime.spawn import ProcSpec, needs_read_search, spawn
+from netlab.runtime.spawn import ProcSpec, spawn
 
 BACKOFF = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)  # delay before the Nth consecutive restart
 STREAK_RESET = 10.0  # a process that stayed ready this long starts a fresh backoff streak
@@ -124,13 +124,7 @@ class Supervisor:
         (state_dir / "requests").mkdir(exist_ok=True)
         self.children: dict[str, Child] = {}
         for s in specs:
-            caps = tuple(s.caps)
-            # (never for a pod's own program: it would let the pod's user read any file)
-            if s.run == "module" and (s.uid or s.gid) and "CAP_DAC_READ_SEARCH" not in caps and needs_read_search(s.uid, s.gid):
-                caps += ("CAP_DAC_READ_SEARCH",)
-                self.say("note", name=s.name, msg=f"uid {s.uid} cannot read the interpreter; "
-                                                   "keeping ambient CAP_DAC_READ_SEARCH")
-            self.children[s.name] = Child(s, caps, log_path(state_dir, s.name))
+            self.children[s.name] = Child(s, tuple(s.caps), log_path(state_dir, s.name))
         self.stopping = False
         self.requests_pending = True
         self.dirty = True

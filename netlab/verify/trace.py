@@ -63,6 +63,7 @@ from typing import Any
 
 from netlab.errors import NetlabError, UsageError
 from netlab.kernel.ns import in_netns
+from netlab.mesh.connlog import LegFollower
 from netlab.plan.types import Plan, PodInfo
 from netlab.topology.model import RequestPath
 from netlab.verify import iptsim
@@ -218,29 +219,20 @@ def http_get(s: socket.socket, ip: str, port: int, host: str, url: str, trace_id
 
 # ---- connection logs -----------------------------------------------------------------------------
 class LegLog:
-    """New lines of every proxy's connection log since construction."""
+    """New legs of every proxy's connection log since construction (both files of each: see
+    :mod:`netlab.mesh.connlog`); lines that are no leg are skipped and counted."""
 
     def __init__(self, plan: Plan, state_dir: Path) -> None:
-        self.files = {p.name: state_dir / "conn" / f"{p.name}.jsonl" for p in plan.processes if p.kind in PROXY_KINDS}
-        self.offsets = {n: (f.stat().st_size if f.exists() else 0) for n, f in self.files.items()}
+        self.follower = LegFollower({p.name: state_dir / "conn" / f"{p.name}.jsonl"
+                                     for p in plan.processes if p.kind in PROXY_KINDS})
         self.legs: list[dict[str, Any]] = []
 
+    @property
+    def skipped(self) -> int:
+        return self.follower.skipped
+
     def poll(self) -> None:
-        for n, f in self.files.items():
-            try:
-                with open(f, "rb") as fh:
-                    fh.seek(self.offsets[n])
-                    data = fh.read()
-            except FileNotFoundError:
-                continue
-            end = data.rfind(b"\n") + 1  # a half-written line waits for the next poll
-            self.offsets[n] += end
-            for line in data[:end].splitlines():
-                if line.strip():
-                    try:
-                        self.legs.append(json.loads(line))
-                    except ValueError:
-                        pass
+        self.legs += self.follower.poll()
 
     def by_src(self, src: str) -> dict[str, Any] | None:
         hits = [x for x in self.legs if x.get("src") == src]
@@ -332,6 +324,9 @@ def trace(lab: Any, src_pod: str, dst: str, url: str | None = None, *, contract:
         denial = _denial(h.proxy) if h.kind == "proxy" and h.proxy else None
         if denial:
             notes.append(denial)
+    if legs.skipped:
+        notes.append(f"skipped {legs.skipped} line{'s' if legs.skipped != 1 else ''} of the connection logs "
+                     f"({lab.state_dir / 'conn'}) that are not connection legs")
     res = TraceResult(lab.name, trace_id, pod.ref, dst, url, status, body, (time.monotonic() - t0) * 1000, hops,
                       contract=path, error=err, notes=notes)
     _judge(res)

@@ -19,7 +19,7 @@ import pytest
 
 from netlab.kernel import ns
 from netlab.plan.types import Process
-from netlab.runtime import logs, procfs
+from netlab.runtime import logs, procfs, spawn
 from netlab.runtime import supervisor as sv
 from netlab.runtime.spawn import ProcSpec
 
@@ -141,8 +141,11 @@ def test_uid_drop_and_no_inherited_fds(netns1: str, state_dir: Path, tmp_path: P
     pid = sv.status(state_dir)["procs"]["proxy"]["pid"]
     status = Path(f"/proc/{pid}/status").read_text()
     line = {ln.split(":")[0]: ln.split(":")[1].split() for ln in status.splitlines()}
-    assert line["Uid"] == ["1337"] * 4 and line["Gid"] == ["1337"] * 4 and line["Groups"] == []
-    assert int(line["CapEff"][0], 16) & ~(1 << 2) == 0  # at most CAP_DAC_READ_SEARCH
+    assert line["Uid"] == ["1337"] * 4 and line["Groups"] == []
+    # real gid nogroup, effective/saved/fs 1337 (what --gid-owner matches): see netlab.runtime.spawn
+    assert line["Gid"] == [str(spawn.DROPPED_REAL_GID), "1337", "1337", "1337"]
+    caps = {k: int(line[k][0], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")}
+    assert caps == dict.fromkeys(caps, 0), f"capabilities left: {caps}"
     mine = set(fd_links(os.getpid()).values())
     theirs = fd_links(pid)
     assert str(marker) not in theirs.values()

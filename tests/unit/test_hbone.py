@@ -364,6 +364,38 @@ def test_good_raw_client_gets_settings(pki):
     run(main())
 
 
+def test_a_client_that_never_sends_the_http2_preface_is_reset_at_the_deadline(pki):
+    """mTLS done, then silence: cut at the handshake-and-preface deadline (issue 17, 12a), not held
+    forever. A client that sent its preface in time keeps its stream past that deadline."""
+
+    async def main():
+        up = await Upstream(b"late").start()
+        srv = await start_server(pki, upstream_addr=up.addr, handshake_timeout=0.5)
+        r, w = await asyncio.open_connection(*srv.sockname, ssl=_raw_client_ctx(pki), server_hostname=None)
+        t0 = asyncio.get_running_loop().time()
+        got = b""
+        try:
+            while chunk := await asyncio.wait_for(r.read(1000), 3):  # the server's SETTINGS, then the end
+                got += chunk
+        except ConnectionError:
+            pass
+        took = asyncio.get_running_loop().time() - t0
+        assert got[3] == 0x4 and 0.3 < took < 1.5, f"closed after {took:.2f} s"
+        assert srv.stats["preface_timeout"] == 1 and srv.stats["connections"] == 0
+        w.close()
+
+        s = await connect(pki, srv)  # in time: the deadline no longer applies to this connection
+        await asyncio.sleep(1.0)
+        s.write(b"still here")
+        s.write_eof()
+        assert (await s.read_all())[32:] == b"late"
+        assert up.got[-1] == b"still here" and srv.stats["preface_timeout"] == 1
+        await srv.close()
+        await up.close()
+
+    run(main(), 15)
+
+
 def test_upstream_reset_becomes_client_reset(pki):
     async def main():
         up = await Upstream(mode="reset_after_some").start()

@@ -7,13 +7,14 @@ HBONE run unchanged; only the well-known ports are swapped for ephemeral ones.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from netlab import istio
 from netlab.mesh.ca import LabCA
-from netlab.mesh.connlog import ConnLog, read_legs
+from netlab.mesh.connlog import ConnLog, prepare, read_legs
 from netlab.mesh.hbone import ConnectRequest, HboneServer
 from netlab.mesh.registry import Registry, ServiceEntry, Workload
 from netlab.mesh.relay import Endpoint, tcp_connect
@@ -108,7 +109,10 @@ async def fake_ztunnel(certs: Certs, reg: Registry, ip: str, app_port: int, port
 
 
 def conn_log(tmp: Path, name: str) -> tuple[ConnLog, Path]:
+    """A component's connection log, its files made first as ``up`` makes them."""
     p = tmp / "conn" / f"{name}.jsonl"
+    p.parent.mkdir(exist_ok=True)
+    prepare(p, os.geteuid(), os.getegid())
     return ConnLog(p), p
 
 

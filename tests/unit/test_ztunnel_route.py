@@ -126,6 +126,19 @@ def test_outbound_rejects_unknown_source_and_self_call(co: Registry) -> None:
     assert plan_outbound(co, "node-a", zt, ip_of(co, "amb/sleep"), (zt, 15021)) == Reject("SelfCall")
 
 
+def test_outbound_service_without_endpoints_is_no_healthy_upstream(co: Registry) -> None:
+    """Rejected at once (reset), not dialled at the VIP nothing answers (issue 17, 12b)."""
+    svc_key = next(k for k, s in co.services.items() if (s.namespace, s.name) == ("bar-1", "httpbin"))
+    reg = dataclasses.replace(co, services=dict(co.services))
+    reg.services[svc_key] = dataclasses.replace(reg.services[svc_key], endpoints=())
+    d = plan_outbound(reg, "node-a", reg.ztunnels["node-a"], ip_of(reg, "amb/sleep"), vip_of(reg, "bar-1", "httpbin"))
+    assert d == Reject("NoHealthyUpstream")
+    # a VIP's other ports, and addresses nobody knows, are still passed through
+    vip, port = vip_of(reg, "bar-1", "httpbin")
+    other = plan_outbound(reg, "node-a", reg.ztunnels["node-a"], ip_of(reg, "amb/sleep"), (vip, port + 1))
+    assert isinstance(other, Route) and other.kind == "passthrough"
+
+
 def test_outbound_vip_picks_random_endpoint(co: Registry) -> None:
     ips = [ip_of(co, "bar-1/httpbin"), ip_of(co, "bar/httpbin")]
     svc_key = next(k for k, s in co.services.items() if (s.namespace, s.name) == ("bar-1", "httpbin"))
@@ -187,6 +200,14 @@ def test_plaintext_spoofs_client(co: Registry) -> None:
     deny = Deny()
     assert plan_plaintext(co, "node-b", co.ztunnels["node-b"], legacy, (pod, 80), authz=deny) == Reject("Denied")
     assert deny.seen[0].src_identity is None
+
+
+def test_plaintext_to_ztunnels_own_ip_is_a_self_call(co: Registry) -> None:
+    """A plain pod dialling ztunnel's IP:15006 made ztunnel dial itself from a spoofed source
+    (issue 17, item 4); any port of ztunnel's own IP is refused, as ztunnel's inbound_passthrough does."""
+    zt, legacy = co.ztunnels["node-a"], ip_of(co, "legacy/sleep")
+    for port in (15006, 15001, 15008, 80):
+        assert plan_plaintext(co, "node-a", zt, legacy, (zt, port)) == Reject("SelfCall")
 
 
 def test_plaintext_hairpins_to_waypoint_unspoofed(co: Registry) -> None:

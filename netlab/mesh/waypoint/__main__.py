@@ -6,10 +6,9 @@ import argparse
 import asyncio
 import signal
 
-from netlab import istio
+from netlab import child_setup, istio
 from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.connlog import ConnLog
-from netlab.apps._common import raise_nofile
 from netlab.mesh.relay import install_fast_loop
 from netlab.mesh.sidecar.base import announce_ready, find_workload, pod_labels, serve_readiness, setup_logging
 from netlab.mesh.waypoint.proxy import Waypoint
@@ -41,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lab", required=True)
     p.add_argument("--pod", required=True, help="<namespace>/<name>")
     a = p.parse_args(argv)
+    child_setup.setup()  # fd limit (two sockets per proxied connection); dies with the supervisor
     setup_logging(f"waypoint[{a.pod}]")
-    raise_nofile()  # two sockets per proxied connection (and a dup of each while a TCP relay runs)
     install_fast_loop()
     asyncio.run(_run(a.lab, a.pod))
     return 0

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 
-from netlab.apps._common import raise_nofile
+from netlab import child_setup
 from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.relay import install_fast_loop
 from netlab.mesh.ztunnel.app import run
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if own_ip is None:
         p.error(f"no ztunnel for node {args.node!r} in the registry (nodes: {sorted(ctx.registry.ztunnels)})")
     cfg = ZtunnelConfig(lab=args.lab, node=args.node, own_ip=own_ip, transparent=not args.no_transparent)
-    raise_nofile()  # two sockets per proxied connection (a dup of each while a TCP relay runs), more for HBONE
+    child_setup.setup()  # fd limit: two sockets per proxied connection (and a dup of each while relaying)
     install_fast_loop()
     asyncio.run(run(cfg, ctx))
     return 0

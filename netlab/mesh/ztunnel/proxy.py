@@ -151,7 +151,11 @@ async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide
     if isinstance(d, Reject):
         down.abort()
         leg.extra["reason"] = d.reason
-        pi.write_leg(leg, "refused")
+        if d.reason == "NoHealthyUpstream":  # Envoy's and ztunnel's words for "no endpoint"
+            log.warning("no healthy upstream: service %s has no endpoints (client %s)", leg.orig_dst, leg.src)
+            pi.write_leg(leg, "no_healthy_upstream")
+        else:
+            pi.write_leg(leg, "refused")
         return
     leg.proto = "hbone" if d.hbone else "tcp"
     leg.up_dst = addr(d.addr)

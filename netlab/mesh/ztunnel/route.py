@@ -24,7 +24,7 @@ class Reject:
     """Refuse the connection. ``reason`` is ztunnel's error name; ``status`` the HBONE status
     for inbound 15008 (None where there is no HTTP to answer with: the socket is reset)."""
 
-    reason: str  # UnknownSource | SelfCall | UnknownWorkload | BadAuthority | BypassWaypoint | Denied
+    reason: str  # UnknownSource | SelfCall | NoHealthyUpstream | UnknownWorkload | BadAuthority | BypassWaypoint | Denied
     status: int | None = None
 
 
@@ -84,7 +84,9 @@ def plan_outbound(reg: Registry, node: str, own_ip: str, src_ip: str, orig_dst: 
 
     1. the source must be a known workload (else ``UnknownSource``); a destination equal to our own
        IP is ``SelfCall``;
-    2. ``orig_dst`` resolves through the registry (VIP -> random endpoint + targetPort);
+    2. ``orig_dst`` resolves through the registry (VIP -> random endpoint + targetPort); a service
+       VIP with no endpoint is ``NoHealthyUpstream`` (the connection is reset at once, as ztunnel
+       does, instead of dialling the VIP, which nothing answers, for the 10 s connect timeout);
     3. destination with a waypoint -> HBONE to the waypoint pod, ``:authority`` = ``orig_dst``;
        HBONE destination on this node (not native HBONE) -> same-node fast path (RBAC, direct);
        other HBONE destination -> HBONE to ``<pod>:15008``, ``:authority`` = ``<pod>:<port>``;
@@ -98,6 +100,8 @@ def plan_outbound(reg: Registry, node: str, own_ip: str, src_ip: str, orig_dst: 
         return Reject("SelfCall")
     resolved = reg.resolve(orig_dst[0], orig_dst[1], rng)
     if resolved is None:
+        if reg.service(orig_dst[0], orig_dst[1]) is not None:
+            return Reject("NoHealthyUpstream")
         return Route(kind="passthrough", addr=orig_dst, source_ip=src_ip, client_identity=src.identity)
     dst, port = resolved
     target = (dst.ip, port)
@@ -165,7 +169,14 @@ def plan_plaintext(reg: Registry, node: str, own_ip: str, peer_ip: str, orig_dst
     and waypoint may both be remote), client cert = the caller's workload identity if it is known
     (else ``UnknownSource``, as the outbound path would say). Otherwise RBAC (no identity) and a
     connection to the pod from the caller's IP.
+
+    A connection to ztunnel's own IP is ``SelfCall`` (``inbound_passthrough.rs``: "User sent a
+    request to the ztunnel directly. This isn't allowed"): served, it made ztunnel dial itself
+    from the caller's spoofed IP, a SYN that is never answered, 2 fds held for the 10 s connect
+    timeout per connection.
     """
+    if _same_ip(orig_dst[0], own_ip):
+        return Reject("SelfCall")
     dst = reg.workload(orig_dst[0])
     if dst is not None:
         wp = reg.waypoint_of(dst)
