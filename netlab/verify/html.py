@@ -23,8 +23,8 @@ import html
 import json
 from typing import Any
 
-from netlab.verify.diagram import figure_svg, trace_title, write_nofollow
-from netlab.verify.layout import hop_key, hop_text
+from netlab.verify.diagram import to_svg, trace_title, write_nofollow
+from netlab.verify.layout import hop_key, hop_text, layout
 
 PAGE_CSP = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:"
 
@@ -59,6 +59,10 @@ li.hop.unmatched .seed{color:#999}
 .details dl{display:grid;grid-template-columns:120px 1fr;gap:2px 8px;margin:0}
 .details dt{color:#666}.details dd{margin:0;font-family:'DejaVu Sans Mono',monospace;word-break:break-word}
 .details ul{margin:0;padding-left:16px}
+.pane.stack .pbody{flex-direction:column}
+.pane.stack aside{position:static;width:100%;flex-basis:auto;display:grid;grid-template-columns:minmax(0,1.3fr) minmax(0,1fr);
+  gap:0 10px;align-items:start}
+.pane.stack .stepper{grid-column:1/-1}.pane.stack .details{margin-top:0}.pane.stack .fig{width:100%}
 .netlab-figure .badge,.netlab-figure .arrow{cursor:pointer}
 .netlab-figure.dim .arrow:not(.hl){opacity:.22}.netlab-figure.dim .badge:not(.hl){opacity:.45}
 .netlab-figure .arrow.hl{stroke:#1f5fbf;stroke-width:4}
@@ -198,15 +202,23 @@ def pane_data(plan: Any, trace: dict[str, Any], uid: str) -> dict[str, Any]:
     return {"uid": uid, "hops": hops, "anchors": anchors}
 
 
-def pane_html(plan: Any, trace: dict[str, Any], *, uid: str, label: str | None = None) -> str:
-    """One pane: heading with the verdict, the figure, the step control, the hop list, details."""
+STACK_WIDTH = 1400  # a figure wider than this goes above the list instead of beside it
+
+
+def pane_html(plan: Any, trace: dict[str, Any], *, uid: str, label: str | None = None, stack: bool | None = None) -> str:
+    """One pane: heading with the verdict, the figure, the step control, the hop list, details.
+    The figure sits beside the list; a wide one (``stack``; by default wider than STACK_WIDTH,
+    e.g. four nodes) goes above it, with the list and the details side by side underneath."""
     hops = [h for h in trace.get("hops") or [] if isinstance(h, dict)]
     cls, text = verdict(trace)
     title = trace_title(plan, trace)
-    svg = figure_svg(plan, hops, title, uid=uid)
+    fig = layout(plan, hops, title)
+    svg = to_svg(fig, uid=uid)
+    if stack is None:
+        stack = fig.width > STACK_WIDTH
     meta = (f"HTTP {trace.get('status') or '-'} · {trace.get('elapsed_ms', '?')} ms · lab {trace.get('lab', plan.lab)} "
             f"· topology {plan.topology} · tunnel {plan.tunnel} · trace {trace.get('trace_id', '')}")
-    out = [f'<section class="pane" tabindex="0" data-uid="{_e(uid)}">',
+    out = [f'<section class="pane{" stack" if stack else ""}" tabindex="0" data-uid="{_e(uid)}">',
            (f"<h1>{_e((label + ': ') if label else '')}{_e(trace.get('from'))} → {_e(trace.get('to'))}"
             f"{_e(trace.get('url') or '')}</h1>"),
            f'<div class="verdict {cls}">{_e(text)}</div> <span class="meta">{_e(meta)}</span>']

@@ -130,7 +130,7 @@ class LabBackend:
         from netlab.verify.html import pane_data, pane_html, verdict
 
         uid = "t" + d["trace_id"][:8]
-        return {"trace": d, "pane": pane_html(lab.plan, d, uid=uid), "data": pane_data(lab.plan, d, uid),
+        return {"trace": d, "pane": pane_html(lab.plan, d, uid=uid, stack=True), "data": pane_data(lab.plan, d, uid),
                 "verdict": verdict(d), "capture_frames": frames}
 
     def _trace_with_capture(self, lab: Any, src: str, dst: str) -> tuple[dict[str, Any], int]:

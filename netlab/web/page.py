@@ -72,13 +72,14 @@ async function openLab(name){
     tb.appendChild(tr);}
   fillSelect($("#src"),v.sources);fillSelect($("#dst"),v.destinations);
   if(v.paths&&v.paths.length){$("#src").value=v.paths[0].from;$("#dst").value=v.paths[0].to;}
-  $("#result").textContent="";$("#capture").classList.add("hidden");
+  $("#result").textContent="";$("#capture").classList.add("hidden");$("#base-card").classList.remove("hidden");
 }
 async function runTrace(ev){
   ev.preventDefault();if(!current)return;
   $("#msg").textContent="";$("#busy").textContent="tracing "+$("#src").value+" → "+$("#dst").value+" …";$("#run").disabled=true;
   try{const r=await api("/api/labs/"+encodeURIComponent(current)+"/trace",{method:"POST",
       headers:{"Content-Type":"application/json"},body:JSON.stringify({from:$("#src").value,to:$("#dst").value})});
+    $("#base-card").classList.add("hidden");  // the trace's figure is the same drawing, with the hops
     const box=$("#result");box.innerHTML='<div class="panes n1">'+r.pane+"</div>";
     const pane=box.querySelector("section.pane");pane.netlab=window.netlabPanes.init(pane,r.data);
     const a=$("#capture");a.href="/api/labs/"+encodeURIComponent(current)+"/capture.pcapng";
@@ -106,7 +107,7 @@ def page(token: str, nonce: str) -> str:
 <div id="content"><p id="msg"></p>
 <div id="lab-view" class="hidden">
 <section class="card"><h2><span id="lab-name"></span> <span id="lab-health" class="healthbadge"></span></h2>
-<ul id="problems"></ul><div id="base-fig"></div></section>
+<ul id="problems"></ul><div id="base-card"><div id="base-fig"></div></div></section>
 <section class="card"><h2>trace a request</h2>
 <form id="trace-form" class="trace"><label>from <select id="src" name="from"></select></label>
 <label>to <select id="dst" name="to"></select></label><button id="run" type="submit">run trace</button>
