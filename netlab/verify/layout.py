@@ -415,11 +415,11 @@ def _ports(fig: Figure, routes: list[_Route], bands: dict[str, tuple[float, floa
             sides.setdefault((key, below), []).append((r.n, key))
     out: dict[tuple[int, ChipKey], float] = {}
     for (key, _), ends in sides.items():
-        c = fig.chips[key].rect
+        rect = fig.chips[key].rect
         k = len(ends)
-        step = min(9.0, (c.w - 8) / max(k, 1))
+        step = min(9.0, (rect.w - 8) / max(k, 1))
         for i, end in enumerate(ends):
-            out[end] = c.cx + (i - (k - 1) / 2) * step
+            out[end] = rect.cx + (i - (k - 1) / 2) * step
     return out
 
 
