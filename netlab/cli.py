@@ -267,6 +267,12 @@ def cmd_diagram(a: argparse.Namespace) -> int:
     return run_cli(a)
 
 
+def cmd_ui(a: argparse.Namespace) -> int:
+    from netlab.web.serve import run_ui
+
+    return run_ui(a.host, a.port, a.allow_remote)
+
+
 def cmd_logs(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
@@ -412,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--path", dest="url", default=None, help="HTTP path to request (default: the contract's, else /)")
     s.add_argument("--contract", default=None, help="name of the topology path whose hops to check (default: by from/to)")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--html", metavar="FILE.html", default=None,
+                   help="also write one self-contained page: the drawing beside the numbered hops; hover or click "
+                        "a hop for its rules, marks, route, encapsulation and proxy leg; a step control walks them")
     s.set_defaults(func=cmd_trace)
 
     s = sub.add_parser("capture", help="capture lab interfaces to pcapng (one interface per <netns>/<iface>)",
@@ -428,12 +437,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_capture)
 
     s = sub.add_parser("diagram", help="draw the lab (or a topology) as SVG, optionally with a traced path",
-                       description="Nodes, pods, proxies and tunnels rendered with Graphviz; with --trace, the "
-                                   "observed numbered path drawn over it, annotated with marks and tables.")
+                       description="Each node a box holding its pods, ztunnel and tunnel devices, the node's own "
+                                   "namespace inside it, the fabric below; with --trace, the observed hops drawn over "
+                                   "it as numbered arrows (the seed's numbers where the path's contract matched), "
+                                   "and the hop list under the figure. -o FILE.svg, .png or .pdf (rsvg-convert).")
     s.add_argument("target", metavar="LAB|TOPOLOGY")
     s.add_argument("-o", "--output", required=True, metavar="FILE.svg")
     s.add_argument("--trace", nargs=2, metavar=("FROM", "TO"), help="trace a request first and draw its hops")
     s.set_defaults(func=cmd_diagram)
+
+    s = sub.add_parser("ui", help="a local web view: running labs, their figures and processes, traces on demand",
+                       description="Serve a web page (Starlette on uvicorn) that lists the running labs, draws the "
+                                   "chosen one, shows its processes' health, runs a trace from a pod to a service and "
+                                   "shows it hop by hop with the contract verdict, and hands out the trace's capture "
+                                   "as pcapng. Binds 127.0.0.1; every request needs the token in the printed URL.")
+    s.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host that is not loopback (plain HTTP: only on a network you trust)")
+    s.set_defaults(func=cmd_ui)
 
     s = sub.add_parser("stats", help="memory (RSS) and connection counts per proxy process",
                        description="RSS, TCP connections and fds of every process of the lab, and the total proxy "

@@ -90,7 +90,7 @@ def run_checks() -> list[Check]:
     except Exception as e:  # pragma: no cover - depends on the host
         out.append(Check("python-iptables", False, str(e), "installing iptables rules",
                          "apt-get install iptables (libxtables) and pip install python-iptables"))
-    for tool, pkg, what in (("tshark", "tshark", "decoding captures in tests"), ("dot", "graphviz", "netlab diagram"),
+    for tool, pkg, what in (("tshark", "tshark", "decoding captures in tests"), ("rsvg-convert", "librsvg2-bin", "netlab diagram -o FILE.png/.pdf"),
                             ("curl", "curl", "requests from pods in the README walk-throughs")):
         p = shutil.which(tool)
         out.append(Check(tool, p is not None, p or "not found", what, f"apt-get install {pkg}", required=False))

@@ -1,282 +1,180 @@
-"""``netlab diagram``: the lab (or a topology) drawn like the seed article's figures, with Graphviz.
+"""``netlab diagram``: the lab (or a topology) drawn like the seed article's figures, as SVG.
 
 Why generate the figure instead of drawing it once: the seed's figures are the mental model a
 reader brings (nodes as boxes, pods inside, istioout/pistioout and istioin/pistioin tunnels,
 proxies on 15001/15006/15008), and a figure made from the *plan* can never disagree with what
 ``netlab up`` built. With ``--trace`` the hops ``netlab trace`` actually observed are drawn over
-it as bold numbered arrows, so a figure of the seed and one of the lab can be compared side by
-side, and a wrong hop shows where the lab (or the reader's model) diverges.
+it as numbered arrows (the seed's numbers where the path's contract matched them), so a figure of
+the seed and one of the lab can be compared side by side, and a wrong hop shows where the lab (or
+the reader's model) diverges.
 
-Drawing is pure (:func:`build_dot` takes a plan and optional hop dicts and returns DOT text);
-only :func:`render` runs ``dot`` (DOT on stdin), and only ``--trace`` needs a running lab.
+:mod:`netlab.verify.layout` decides where everything goes; this module writes that as SVG (the
+same SVG the ``--html`` page and ``netlab ui`` embed: arrows and badges carry ``data-hop`` so a
+page can highlight one hop) and converts it to PNG or PDF with ``rsvg-convert``.
 """
 
 from __future__ import annotations
 
 import html
-import ipaddress
-import re
+import os
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from netlab.errors import NetlabError, UsageError
+from netlab.verify.figure import Figure, Hop
+from netlab.verify.layout import MODE_COLOURS, hop_key, hop_text, layout
 
-MODE_COLOURS = {  # fill colours; the legend in every figure repeats them
-    "ambient": "#cfe8ff",
-    "sidecar": "#ffe0b3",
-    "plain": "#e8e8e8",
-    "ztunnel": "#c9efc9",
-    "waypoint": "#e8d5f5",
-}
-PROXY_PORTS = {  # the listeners the seed's figures show per pod kind
-    "sidecar": (("15001", "outbound"), ("15006", "inbound")),
-    "ztunnel": (("15001", "outbound"), ("15006", "inbound plain"), ("15008", "inbound HBONE")),
-    "waypoint": (("15008", "HBONE"),),
-}
 TRACE_COLOUR = "#d62728"
-_MAIN_TABLES = {"253", "254", "255"}  # default/main/local: not worth a label
-
-
-def _id(*parts: str) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9]", "_", p) for p in parts)
-
-
-def _q(s: str) -> str:
-    """A DOT double-quoted string."""
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+_BOX_ORDER = {"node": 0, "host": 1, "pod": 2, "fabric": 3, "service": 4, "legend": 5}
+_STYLE = """
+.t{font-family:'DejaVu Sans',Helvetica,Arial,sans-serif;fill:#222}
+.m{font-family:'DejaVu Sans Mono',Menlo,Consolas,monospace;fill:#222}
+.sub{fill:#444}.vni{fill:#8a6d00}
+.box{stroke:#666;stroke-width:1}.box-node{stroke:#444;stroke-width:1.6;fill:#fff}
+.box-host{stroke:#999;stroke-dasharray:4 2}.box-fabric{stroke:#888}
+.chip rect{fill:#fff;stroke:#555;stroke-width:1}.chip-tunnel rect{fill:#fff3bf;stroke:#b8860b}
+.chip-listener rect{fill:#f6f6f6;stroke:#2b6cb0}.chip-port rect{fill:#f7f7f7}
+.wire-veth{stroke:#9a9a9a;stroke-width:1.6}.wire-uplink{stroke:#777;stroke-width:3}
+.wire-tunnel{stroke:#b8860b;stroke-width:1.6;stroke-dasharray:5 3}
+.arrow{fill:none;stroke:#d62728;stroke-width:2.2;stroke-linejoin:round}
+.arrow.encap{stroke-dasharray:7 3}
+.badge rect{fill:#d62728;stroke:#fff;stroke-width:1}.badge text{fill:#fff;font-weight:bold}
+.badge.dot rect{fill:#9a9a9a}
+.hoprow{fill:#333}
+"""
 
 
 def _e(s: object) -> str:
     return html.escape(str(s), quote=True)
 
 
-# ---- the base figure -------------------------------------------------------------------------------
-def _pod_label(pod: Any) -> str:
-    """An HTML-like table: name, IP and mode; proxy listeners and ztunnel's tunnel ends as ports
-    (``p15001``, ``pistioin``...) so trace arrows can point at the very listener."""
-    colour = MODE_COLOURS.get(pod.mode, "#ffffff")
-    rows = [f'<TR><TD COLSPAN="3"><B>{_e(pod.ref)}</B></TD></TR>',
-            f'<TR><TD COLSPAN="3">{_e(pod.ip)} · {_e(pod.mode)}</TD></TR>']
-    ports = PROXY_PORTS.get(pod.mode, ())
-    if ports:
-        cells = "".join(f'<TD PORT="p{p}" BGCOLOR="white">{p}<BR/><FONT POINT-SIZE="8">{_e(w)}</FONT></TD>'
-                        for p, w in ports)
-        rows.append(f"<TR>{cells}</TR>" if len(ports) == 3 else
-                    f'<TR><TD COLSPAN="3"><TABLE BORDER="0" CELLSPACING="2"><TR>{cells}</TR></TABLE></TD></TR>')
-    if pod.mode == "ztunnel":
-        rows.append('<TR><TD PORT="pistioin" COLSPAN="2" BGCOLOR="white">pistioin</TD>'
-                    '<TD PORT="pistioout" BGCOLOR="white">pistioout</TD></TR>')
-    if pod.mode not in ("ztunnel", "waypoint") and pod.ports:
-        rows.append(f'<TR><TD COLSPAN="3">app {_e(pod.app)} :{_e(",".join(map(str, pod.ports)))}</TD></TR>')
-    return (f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="1" CELLPADDING="3" BGCOLOR="{colour}">'
-            + "".join(rows) + "</TABLE>>")
+def _points(pts: Sequence[tuple[float, float]]) -> str:
+    return " ".join(f"{'M' if i == 0 else 'L'}{x:.1f},{y:.1f}" for i, (x, y) in enumerate(pts))
 
 
-def _fabric_cidr(plan: Any) -> str:
-    node_ns = {n.netns for n in plan.nodes}
-    for a in plan.addresses:
-        if a.netns in node_ns and a.dev == "eth0":
-            return str(ipaddress.ip_interface(f"{a.ip}/{a.prefixlen}").network)
-    return ""
+def hop_line(h: Hop) -> str:
+    """One line per hop for the table under a figure: place, where, addresses, what it carried."""
+    if h.get("kind") == "proxy":
+        p = h.get("proxy") or {}
+        where = f"{p.get('listener', '')} {h.get('src', '')} -> {h.get('dst', '')} ==> {p.get('up_src', '')} -> " \
+                f"{p.get('up_dst', '')} {p.get('proto', '')}"
+    else:
+        where = f"{h.get('iface_sym') or h.get('iface') or ''} {h.get('dir') or ''} {h.get('src', '')} -> {h.get('dst', '')}"
+    extra = []
+    enc = h.get("encap") or {}
+    if enc:
+        extra.append(f"geneve vni {enc.get('vni')}")
+    if h.get("mark"):
+        extra.append(f"mark {h['mark']}")
+    if h.get("rules"):
+        extra.append(", ".join(h["rules"]))
+    return f"{h.get('at', '')}  {where}" + ("  · " + " · ".join(extra) if extra else "")
 
 
-def _tunnel_ip(plan: Any, netns: str, dev: str) -> str:
-    return next((a.ip for a in plan.addresses if a.netns == netns and a.dev == dev), "")
+def to_svg(fig: Figure, *, table: bool = False, uid: str = "f") -> str:
+    """The figure as one SVG document; ``uid`` keeps ids unique when two figures share a page."""
+    rows = fig.hops if table else []
+    height = fig.height + (len(rows) * 15 + 30 if rows else 0)
+    marker = ('<marker id="{id}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="{size}" markerHeight="{size}" '
+              'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" fill="{fill}"/></marker>')
+    head = (f'<svg xmlns="http://www.w3.org/2000/svg" class="netlab-figure" viewBox="0 0 {fig.width:.0f} {height:.0f}" '
+            f'width="{fig.width:.0f}" height="{height:.0f}">')
+    defs = ("<defs>" + marker.format(id=f"{uid}-ah", size=7, fill=TRACE_COLOUR)
+            + marker.format(id=f"{uid}-ah-hl", size=6, fill="#1f5fbf") + "</defs>")
+    out = [head, f"<style>{_STYLE}</style>", defs,
+           f'<rect x="0" y="0" width="{fig.width:.0f}" height="{height:.0f}" fill="#ffffff"/>',
+           f'<text class="t" x="20" y="30" font-size="16" font-weight="bold">{_e(fig.title)}</text>']
+    for b in sorted(fig.boxes, key=lambda b: _BOX_ORDER[b.kind]):
+        r = b.rect
+        rx = 10 if b.kind == "node" else 6 if b.kind in ("pod", "host") else 2
+        tip = f"<title>{_e(b.tip)}</title>" if b.tip else ""
+        out.append(f'<g class="box-g" data-ref="{_e(b.ref)}">{tip}<rect class="box box-{b.kind}" x="{r.x:.1f}" '
+                   f'y="{r.y:.1f}" width="{r.w:.1f}" height="{r.h:.1f}" rx="{rx}" fill="{b.fill}"/></g>')
+    for w in fig.wires:
+        (x1, y1), (x2, y2) = w.points[0], w.points[-1]
+        out.append(f'<line class="wire-{w.kind}" x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}"/>')
+    for lb in fig.labels:
+        cls = ("m " if lb.mono else "t ") + lb.cls
+        weight = ' font-weight="bold"' if lb.bold else ""
+        out.append(f'<text class="{cls}" x="{lb.x:.1f}" y="{lb.y:.1f}" font-size="{lb.size:g}"{weight} '
+                   f'text-anchor="{lb.anchor}">{_e(lb.text)}</text>')
+    for c in fig.chips.values():
+        r = c.rect
+        out.append(f'<g class="chip chip-{c.kind}" data-key="{_e(c.key[0])}|{_e(c.key[1])}"><title>{_e(c.tip)}</title>'
+                   f'<rect x="{r.x:.1f}" y="{r.y:.1f}" width="{r.w:.1f}" height="{r.h:.1f}" rx="3"/>'
+                   f'<text class="m" x="{r.cx:.1f}" y="{r.y + 14:.1f}" font-size="11" text-anchor="middle">'
+                   f"{_e(c.label)}</text></g>")
+    by_n = {int(h.get("n") or 0): h for h in fig.hops}
+    for a in fig.arrows:
+        enc = " encap" if a.encap else ""
+        out.append(f'<path class="arrow{enc}" data-hop="{a.n}" d="{_points(a.points)}" '
+                   f'marker-end="url(#{uid}-ah)"><title>{_e(_tip(by_n.get(a.n, {})))}</title></path>')
+    for bd in fig.badges:
+        r = bd.rect
+        h = by_n.get(bd.n, {})
+        dot = "" if bd.text else " dot"
+        seed = f' data-seed="{_e(h["seed_n"])}"' if h.get("seed_n") else ""
+        text = (f'<text class="m" x="{r.cx:.1f}" y="{r.y + 13.5:.1f}" font-size="11.5" text-anchor="middle">'
+                f"{_e(bd.text)}</text>") if bd.text else ""
+        out.append(f'<g class="badge{dot}" data-hop="{bd.n}"{seed}><title>{_e(_tip(h))}</title>'
+                   f'<rect x="{r.x:.1f}" y="{r.y:.1f}" width="{r.w:.1f}" height="{r.h:.1f}" rx="{r.h / 2:.1f}"/>'
+                   f"{text}</g>")
+    if rows:
+        y = fig.height + 4
+        out.append(f'<text class="t" x="20" y="{y:.0f}" font-size="12" font-weight="bold">hops (seed number, '
+                   f"observed position, place, what)</text>")
+        limit = int((fig.width - 40) / 6.1)
+        for h in rows:
+            y += 15
+            line = f"{hop_text(h, False) or '·':>5} #{h.get('n', '?'):<3} {hop_line(h)}"
+            line = line if len(line) <= limit else line[:limit - 1] + "…"
+            out.append(f'<text class="m hoprow" data-hop="{_e(h.get("n", ""))}" x="20" y="{y:.0f}" '
+                       f'font-size="10" xml:space="preserve">{_e(line)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
-def base_lines(plan: Any) -> list[str]:
-    """Clusters per node (host netns, tunnels, pods), the fabric bridge, services and a legend."""
-    out: list[str] = []
-    for node in plan.nodes:
-        out.append(f"subgraph {_q('cluster_' + _id(node.name))} {{")
-        out.append(f"label={_q(f'{node.name} · netns {node.netns} · {node.ip} · pods {node.pod_cidr}')};")
-        out.append('style="rounded"; color="#555555"; fontname="Helvetica-Bold";')
-        host = _id("host", node.name)
-        host_label = _q(f"{node.name} host netns\neth0 {node.ip}\ngw {node.host_ip}")
-        out.append(f'{host} [shape=box, style="filled", fillcolor="#f5f5f5", label={host_label}];')
-        tunnels = [lk for lk in plan.links if lk.netns == node.netns and lk.name in ("istioin", "istioout")]
-        for lk in tunnels:
-            tid = _id("tun", node.name, lk.name)
-            vni = f"VNI {lk.vni}" if lk.vni is not None else ""
-            kind = "Geneve" if lk.kind == "geneve" else "Geneve (userspace, TAP)"
-            tun_label = _q(f"{lk.name}\n{kind} {vni}\n{_tunnel_ip(plan, node.netns, lk.name)}")
-            out.append(f'{tid} [shape=cds, style="filled", fillcolor="#fff7cc", label={tun_label}];')
-            out.append(f'{tid} -> {host} [arrowhead=none, color="#999999"];')
-        for pod in (p for p in plan.pods if p.node == node.name):
-            pid = _id("pod", pod.ref)
-            out.append(f"{pid} [shape=plain, label={_pod_label(pod)}];")
-            out.append(f'{pid} -> {host} [arrowhead=none, color="#999999", fontsize=8, '
-                       f'label={_q(pod.host_veth)}, fontcolor="#777777"];')
-            if pod.mode == "ztunnel":
-                for lk in tunnels:
-                    end = "p" + lk.name
-                    vni_label = _q(f"VNI {lk.vni}")
-                    out.append(f'{pid}:{end} -> {_id("tun", node.name, lk.name)} [dir=both, style=dashed, '
-                               f'color="#b8860b", fontsize=8, label={vni_label}];')
-        out.append("}")
-    hosts = [_id("host", n.name) for n in plan.nodes]
-    out.append("{rank=same; " + "; ".join(hosts) + ";}")
-    out += [f"{x} -> {y} [style=invis];" for x, y in zip(hosts, hosts[1:])]  # keep topology order
-    cidr = _fabric_cidr(plan)
-    fabric_label = _q(f"fabric bridge br0\n{cidr}".rstrip())
-    out.append(f'fabric [shape=box3d, style="filled", fillcolor="#eeeeee", label={fabric_label}];')
-    for node in plan.nodes:
-        out.append(f'{_id("host", node.name)} -> fabric [arrowhead=none, penwidth=2, color="#555555", fontsize=8, '
-                   f'label={_q(f"eth0 ⇄ {node.name}")}];')
-    for svc in plan.services:
-        sid = _id("svc", svc.namespace, svc.name)
-        port = f"{svc.port} → {svc.target_port}" if svc.port != svc.target_port else str(svc.port)
-        svc_label = _q(f"service {svc.name}.{svc.namespace}\nVIP {svc.vip}:{port}")
-        out.append(f'{sid} [shape=note, style="filled", fillcolor="#fffbe6", fontsize=10, label={svc_label}];')
-        for ep in svc.endpoints:
-            out.append(f'{sid} -> {_id("pod", ep)} [style=dotted, color="#bbbbbb", arrowhead=empty, '
-                       f"constraint=false];")
-    keys = "".join(f'<TR><TD BGCOLOR="{c}">{m}</TD></TR>' for m, c in MODE_COLOURS.items())
-    out.append('legend [shape=plain, fontsize=9, label=<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" '
-               f'CELLPADDING="3"><TR><TD><B>pod mode</B></TD></TR>{keys}</TABLE>>];')
-    return out
+def _tip(h: Hop) -> str:
+    if not h:
+        return ""
+    label = hop_text(h, True)
+    return f"hop {h.get('n')}" + (f" = seed {label}" if h.get("seed_n") else "") + ": " + hop_line(h)
 
 
-# ---- the traced path -------------------------------------------------------------------------------
-def _locator(plan: Any) -> dict[str, tuple[str, str]]:
-    """Every name a hop may use for where it was seen -> (graph id, kind)."""
-    loc: dict[str, tuple[str, str]] = {}
-    for n in plan.nodes:
-        loc[n.netns] = loc[n.name] = (_id("host", n.name), "node")
-    for p in plan.pods:
-        loc[p.netns] = loc[p.ref] = (_id("pod", p.ref), p.mode)
-        loc.setdefault(p.name, (_id("pod", p.ref), p.mode))
-    for ns in plan.netns:
-        if ns.role == "fabric":
-            loc[ns.name] = loc["fabric"] = ("fabric", "fabric")
-    return loc
+def figure_svg(plan: Any, hops: Sequence[Hop] = (), title: str | None = None, *, table: bool = False,
+               uid: str = "f") -> str:
+    """Plan (+ hops) -> SVG text: the one entry the CLI, the HTML page and the web UI share."""
+    return to_svg(layout(plan, hops, title), table=table, uid=uid)
 
 
-def _listener_port(hop: dict[str, Any]) -> str | None:
-    proxy = hop.get("proxy") or {}
-    text = " ".join(str(v) for v in (proxy.values() if isinstance(proxy, dict) else [proxy]))
-    m = re.search(r"\b(15001|15006|15008)\b", text)
-    return m.group(1) if m else None
-
-
-def hop_anchor(hop: dict[str, Any], plan: Any, loc: dict[str, tuple[str, str]] | None = None) -> str | None:
-    """The graph element a hop happened at (``id`` or ``id:port``); None if it is not drawn."""
-    loc = loc if loc is not None else _locator(plan)
-    iface = str(hop.get("iface") or "")
-    place = loc.get(str(hop.get("netns") or "")) or loc.get(str(hop.get("node") or ""))
-    if place is None:
-        return None
-    gid, kind = place
-    if kind == "node":
-        node = gid.removeprefix("host_")
-        if iface in ("istioin", "istioout"):
-            return _id("tun", next(n.name for n in plan.nodes if _id(n.name) == node), iface)
-        return gid
-    if kind == "ztunnel" and iface in ("pistioin", "pistioout"):
-        return f"{gid}:{iface}"
-    port = _listener_port(hop)
-    if port and port in {p for p, _ in PROXY_PORTS.get(kind, ())}:
-        return f"{gid}:p{port}"
-    return gid
-
-
-def annotations(hop: dict[str, Any]) -> list[str]:
-    """Short facts worth printing on an arrow: marks, routing tables, encapsulation, proxy."""
-    texts = [str(hop.get("mark") or "")] + [str(r) for r in (hop.get("rules") or [])] + [str(hop.get("route") or "")]
-    blob = " ".join(texts)
-    out: list[str] = []
-    marks = list(dict.fromkeys(m.split("/")[0].lower() for m in re.findall(r"0x[0-9a-fA-F]+(?:/0x[0-9a-fA-F]+)?", blob)))
-    if marks:
-        out.append("mark " + ",".join(marks[:3]))
-    tables = [t for t in dict.fromkeys(re.findall(r"\b(?:table|lookup)\s+(\d+)", blob)) if t not in _MAIN_TABLES]
-    if tables:
-        out.append("table " + ",".join(tables[:2]))
-    enc = hop.get("encap") or {}
-    if isinstance(enc, dict) and enc:
-        vni = f" VNI {enc['vni']}" if enc.get("vni") is not None else ""
-        out.append(f"{enc.get('type', 'encap')}{vni}")
-    proxy = hop.get("proxy") or {}
-    if isinstance(proxy, dict) and proxy.get("component"):
-        lst = f" :{proxy['listener']}" if proxy.get("listener") else ""
-        out.append(f"{proxy['component']}{lst}")
-    return out
-
-
-def hop_label(hop: dict[str, Any]) -> str:
-    """``(n)``, the observed position; plus the seed's number when the contract matched one."""
-    seed = hop.get("seed_n")
-    return f"({hop.get('n', '?')})" + (f" seed {seed}" if seed not in (None, "", hop.get("n")) else "")
-
-
-def _hop_numbers(hops: Sequence[dict[str, Any]]) -> str:
-    return " ".join(hop_label(h) for h in hops)
-
-
-def trace_lines(plan: Any, hops: Sequence[dict[str, Any]]) -> list[str]:
-    """Bold numbered arrows: consecutive hops at the same place share one arrow into it, whose
-    label lists their numbers ``(2) (3)`` and what they carried (marks, tables, VNI, proxy)."""
-    loc = _locator(plan)
-    groups: list[tuple[str, list[dict[str, Any]]]] = []
-    for h in hops:
-        a = hop_anchor(h, plan, loc)
-        if a is None:
-            continue
-        if groups and groups[-1][0] == a:
-            groups[-1][1].append(h)
-        else:
-            groups.append((a, [h]))
-    if not groups:
-        return []
-    start = ('trace_start [shape=circle, style=filled, fillcolor="%s", fontcolor=white, fontsize=9, '
-             'width=0.3, label="start"];' % TRACE_COLOUR)
-    first = groups[0][0].split(":")[0]
-    node = next((n.name for n in plan.nodes if first in (_id("host", n.name),)
-                 or any(first == _id("pod", p.ref) and p.node == n.name for p in plan.pods)), None)
-    # a subgraph of the same name *is* that cluster: the start dot sits in the client's node
-    out = [f"subgraph {_q('cluster_' + _id(node))} {{ {start} }}" if node else start]
-    prev = "trace_start"
-    for anchor, hs in groups:
-        notes: list[str] = []
-        for h in hs:
-            notes += [a for a in annotations(h) if a not in notes]
-        label = "\n".join([_hop_numbers(hs), *notes])
-        out.append(f'{prev} -> {anchor} [color="{TRACE_COLOUR}", fontcolor="{TRACE_COLOUR}", penwidth=2.6, '
-                   f'style=bold, fontname="Helvetica-Bold", fontsize=10, label={_q(label)}];')
-        prev = anchor
-    return out
-
-
-# ---- assembling, rendering, CLI --------------------------------------------------------------------
-def build_dot(plan: Any, hops: Sequence[dict[str, Any]] | None = None, title: str | None = None) -> str:
-    """The whole figure as DOT text (pure: no root, no lab)."""
-    title = title or f"{plan.lab} (topology {plan.topology}, tunnel {plan.tunnel})"
-    lines = ["digraph netlab {", "compound=true; rankdir=TB; nodesep=0.35; ranksep=0.6;",
-             f'labelloc=t; fontname="Helvetica"; fontsize=16; label={_q(title)};',
-             'node [fontname="Helvetica", fontsize=10]; edge [fontname="Helvetica", fontsize=9];']
-    lines += base_lines(plan)
-    if hops:
-        lines += trace_lines(plan, hops)
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def render(dot_text: str, output: str) -> None:
-    """Write ``output`` in the format its suffix names (svg, png, pdf; .dot/.gv: the DOT text)."""
+def render(svg_text: str, output: str) -> None:
+    """Write ``output`` in the format its suffix names: .svg as it is, .png/.pdf via rsvg-convert."""
     fmt = Path(output).suffix.lstrip(".").lower() or "svg"
-    if fmt in ("dot", "gv"):
-        Path(output).write_text(dot_text)
+    if fmt == "svg":
+        write_nofollow(output, svg_text)
         return
-    if fmt not in ("svg", "png", "pdf"):
-        raise UsageError(f"-o {output}: use a .svg, .png, .pdf or .dot file")
-    exe = shutil.which("dot")
+    if fmt not in ("png", "pdf"):
+        raise UsageError(f"-o {output}: use a .svg, .png or .pdf file")
+    exe = shutil.which("rsvg-convert")
     if exe is None:
-        raise NetlabError("graphviz `dot` is not installed (apt install graphviz); or write DOT text with -o FILE.dot")
-    r = subprocess.run([exe, f"-T{fmt}", "-o", output], input=dot_text.encode(), capture_output=True, timeout=120)
+        raise NetlabError("rsvg-convert is not installed (apt install librsvg2-bin); or write SVG with -o FILE.svg")
+    r = subprocess.run([exe, "-f", fmt, "-o", output], input=svg_text.encode(), capture_output=True, timeout=120,
+                       check=False)
     if r.returncode != 0:
-        raise NetlabError(f"dot failed: {r.stderr.decode(errors='replace').strip()[:500]}")
+        raise NetlabError(f"rsvg-convert failed: {r.stderr.decode(errors='replace').strip()[:500]}")
+
+
+def write_nofollow(path: str, text: str) -> None:
+    """Write a text file as root without following a symlink planted at ``path`` (say in /tmp)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write ({e.strerror})") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def plan_for(target: str) -> tuple[Any, Any]:
@@ -298,29 +196,36 @@ def plan_for(target: str) -> tuple[Any, Any]:
     return build_plan(topo, lab=topo.name, tunnel="userspace", source=str(path)), None
 
 
-def traced_hops(lab: Any, src: str, dst: str) -> tuple[list[dict[str, Any]], str]:
-    """Run ``netlab trace`` (imported lazily: it needs root and a lab) and return its hops."""
-    from netlab.verify.trace import trace
+def trace_title(plan: Any, d: dict[str, Any]) -> str:
+    """``lab: trace A → B · 16 hops · contract S2 MATCH`` from a trace dict."""
+    verdict = ("no contract" if d.get("contract") is None else
+               f"contract {d['contract']} {'MATCH' if d.get('match') else 'MISMATCH'}")
+    return f"{plan.lab}: trace {d.get('from')} → {d.get('to')} · {len(d.get('hops') or [])} hops · {verdict}"
 
-    result = trace(lab, src, dst, None)
-    d = result.to_dict() if hasattr(result, "to_dict") else result
-    hops = d.get("hops", []) if isinstance(d, dict) else list(d)
-    return [h for h in hops if isinstance(h, dict)], f"{src} → {dst}"
+
+def draw(target: str, output: str, trace: tuple[str, str] | None = None) -> str:
+    """``netlab diagram`` as a function: draw TARGET (lab or topology), optionally tracing
+    FROM TO first (a running lab only); returns the one-line summary."""
+    plan, lab = plan_for(target)
+    hops: list[Hop] = []
+    title = None
+    if trace:
+        if lab is None:
+            raise UsageError(f"--trace needs a running lab; {target!r} is not up (netlab up {target})")
+        from netlab.verify.trace import trace as run_trace
+
+        d = run_trace(lab, trace[0], trace[1], None).to_dict()
+        hops = [h for h in d.get("hops", []) if isinstance(h, dict)]
+        title = trace_title(plan, d)
+    render(figure_svg(plan, hops, title, table=bool(trace)), output)
+    drawn = sum(1 for h in hops if hop_key(h) is not None)
+    extra = f", {len(hops)} hops ({drawn} drawn)" if trace else ""
+    return f"wrote {output}: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {len(plan.services)} services{extra}"
 
 
 def run_cli(args: Any) -> int:
     """Entry of ``netlab diagram``."""
-    plan, lab = plan_for(args.target)
-    hops: list[dict[str, Any]] = []
-    title = None
-    if args.trace:
-        if lab is None:
-            raise UsageError(f"--trace needs a running lab; {args.target!r} is not up (netlab up {args.target})")
-        hops, what = traced_hops(lab, *args.trace)
-        title = f"{plan.lab}: trace {what} ({len(hops)} hops)"
-    render(build_dot(plan, hops, title), args.output)
-    extra = f", {len(hops)} hops" if args.trace else ""
-    print(f"wrote {args.output}: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {len(plan.services)} services{extra}")
+    print(draw(args.target, args.output, tuple(args.trace) if args.trace else None))
     return 0
 
 
@@ -332,5 +237,16 @@ def svg_texts(svg: str) -> list[str]:
     return ["".join(t.itertext()) for t in root.iter() if t.tag.endswith("text")]
 
 
-__all__: Iterable[str] = ["MODE_COLOURS", "annotations", "build_dot", "hop_anchor", "plan_for", "render",
-                          "run_cli", "svg_texts", "trace_lines"]
+__all__ = [
+    "MODE_COLOURS",
+    "draw",
+    "figure_svg",
+    "hop_line",
+    "plan_for",
+    "render",
+    "run_cli",
+    "svg_texts",
+    "to_svg",
+    "trace_title",
+    "write_nofollow",
+]

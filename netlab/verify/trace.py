@@ -550,6 +550,11 @@ def run_cli(args: Any) -> int:
 
     lab = Lab.attach(args.lab)
     res = trace(lab, args.src, args.dst, args.url, contract=args.contract)
+    if getattr(args, "html", None):  # the same hops as a page: figure, list, details (netlab.verify.html)
+        from netlab.verify.html import write_trace_html
+
+        write_trace_html(args.html, lab.plan, res.to_dict())
+        print(f"wrote {args.html}: {len(res.hops)} hops", file=sys.stderr)
     if args.json:
         json.dump(res.to_dict(), sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")

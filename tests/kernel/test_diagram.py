@@ -1,10 +1,10 @@
-"""`netlab diagram` of a running lab, and with `--trace` the observed hops drawn over it."""
+"""`netlab diagram LAB -o F.svg --trace SRC DST` for every path of every shipped topology: exit 0,
+and the SVG carries every hop (a badge per observed hop, the seed's number on each contract hop)."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
+import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -14,50 +14,51 @@ from pathlib import Path
 import pytest
 
 from netlab.lab import Lab
+from netlab.topology.load import load_topology
 from netlab.verify.diagram import svg_texts
 
-pytestmark = [pytest.mark.kernel,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
-              pytest.mark.skipif(shutil.which("dot") is None, reason="needs graphviz")]
+pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 NETLAB = [sys.executable, "-m", "netlab.cli"]
+TOPOLOGIES = sorted(p.stem for p in (Path(__file__).parents[2] / "topologies").glob("*.yaml")
+                    if load_topology(p.stem).paths)
 
 
-@pytest.fixture
-def lab(netlab_run_dir) -> Iterator[Lab]:
-    lab = Lab.up("ambient-to-sidecar", name="hc-d1", tunnel="userspace")
+@pytest.fixture(params=TOPOLOGIES)
+def lab(request: pytest.FixtureRequest, netlab_run_dir: object) -> Iterator[Lab]:
+    name = "hd-" + request.param[:12].rstrip("-")
+    lab = Lab.up(request.param, name=name, tunnel="userspace")
     try:
         yield lab
     finally:
-        Lab.down_lab("hc-d1")
+        Lab.down_lab(name)
 
 
-def test_diagram_of_running_lab(lab: Lab, tmp_path: Path) -> None:
-    out = tmp_path / "lab.svg"
-    r = subprocess.run([*NETLAB, "diagram", "hc-d1", "-o", str(out)], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    texts = svg_texts(out.read_text())
-    ET.fromstring(out.read_text())
-    assert any(t.startswith("node-a · netns hc-d1-node-a") for t in texts)  # the lab's netns names, not the topology's
-    for pod in lab.plan.pods:
-        assert pod.ref in texts
+def test_every_path_draws_with_every_hop_number(lab: Lab, tmp_path: Path) -> None:
+    for path in lab.plan.paths:
+        out = tmp_path / f"{path.name}.svg"
+        r = subprocess.run([*NETLAB, "diagram", lab.name, "-o", str(out), "--trace", path.from_, path.to],
+                           capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, (path.name, r.stderr)
+        m = re.search(r", (\d+) hops \((\d+) drawn\)", r.stdout)
+        assert m and m.group(1) == m.group(2), r.stdout  # every observed hop has a place in the figure
+        svg = out.read_text()
+        ET.fromstring(svg)
+        for n in range(1, int(m.group(1)) + 1):
+            assert re.search(rf'class="badge[^"]*" data-hop="{n}"', svg), (path.name, n)
+        texts = svg_texts(svg)
+        assert "MATCH" in texts[0] and "MISMATCH" not in texts[0], (path.name, texts[0])
+        for h in path.hops:  # the trace matched its contract, so each seed number is drawn
+            assert f"({h.n})" in texts, (path.name, h.n)
 
 
-def test_diagram_with_trace_numbers_every_hop(lab: Lab, tmp_path: Path) -> None:
-    trace_mod = pytest.importorskip("netlab.verify.trace")
-    if not hasattr(trace_mod, "trace"):
-        pytest.skip("netlab.verify.trace.trace not written yet")
-    out = tmp_path / "trace.svg"
-    r = subprocess.run([*NETLAB, "diagram", "hc-d1", "-o", str(out), "--trace", "sleep", "httpbin.bar:8000"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    seen = "\n".join(svg_texts(out.read_text()))
-    t = subprocess.run([*NETLAB, "trace", "--lab", "hc-d1", "--from", "sleep", "--to", "httpbin.bar:8000", "--json"],
-                       capture_output=True, text=True, timeout=120)
-    hops = json.loads(t.stdout)["hops"]
-    assert hops
-    from netlab.verify.diagram import hop_anchor
-
-    for h in hops:  # every hop that has a place in the figure carries its number
-        if hop_anchor(h, lab.plan) is not None:
-            assert f"({h['n']})" in seen, h
+def test_png_of_a_trace(netlab_run_dir: object, tmp_path: Path) -> None:
+    Lab.up("ambient-to-sidecar", name="hd-png", tunnel="userspace")
+    try:
+        out = tmp_path / "s1.png"
+        r = subprocess.run([*NETLAB, "diagram", "hd-png", "-o", str(out), "--trace", "foo/sleep", "httpbin.bar:8000"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        Lab.down_lab("hd-png")

@@ -1,127 +1,173 @@
-"""Diagrams of topologies (no root, no lab): valid SVG carrying every node, pod, tunnel and hop."""
+"""Figures of topologies (no root, no lab): every node a box holding its pods and its own
+namespace, every hop of every shipped path drawn at its interface or listener with its number,
+and no two arrows or numbers on top of each other.
+
+The hops here are built from the topologies' hop contracts (what a matching trace reports for
+those hops), so every shipped path is drawn; tests/kernel/test_diagram.py draws real traces.
+"""
 
 from __future__ import annotations
 
-import argparse
-import shutil
+import itertools
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from netlab.plan.build import build_plan
 from netlab.topology.load import load_topology
 from netlab.verify import diagram
+from netlab.verify.figure import Figure, Rect
+from netlab.verify.hops import Geography
+from netlab.verify.layout import layout
 
-needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="graphviz not installed")
-
-# What `netlab trace` reports for S1 (shape of TraceResult.to_dict()["hops"]), abridged.
-S1_HOPS = [
-    {"n": "1", "netns": "hc-u-foo-sleep", "node": "node-a", "iface": "eth0", "dir": "out", "src": "10.0.1.3:40000",
-     "dst": "10.96.0.10:8000", "proto": "tcp", "encap": None, "rules": [], "route": "", "proxy": None},
-    {"n": "2", "netns": "hc-u-node-a", "node": "node-a", "iface": "veth2695b381", "dir": "in", "src": "10.0.1.3:40000",
-     "dst": "10.96.0.10:8000", "proto": "tcp", "encap": None,
-     "rules": ["mangle ztunnel-PREROUTING -j MARK --set-xmark 0x100/0x100"], "route": "", "proxy": None},
-    {"n": "3", "netns": "hc-u-node-a", "node": "node-a", "iface": "istioout", "dir": "out", "src": "10.0.1.3:40000",
-     "dst": "10.96.0.10:8000", "proto": "tcp", "encap": {"type": "geneve", "vni": 1001},
-     "rules": [], "route": "ip rule 101: fwmark 0x100/0x100 lookup 101", "proxy": None},
-    {"n": "4", "netns": "hc-u-istio-system-ztunnel-node-a", "node": "node-a", "iface": "pistioout", "dir": "in",
-     "src": "10.0.1.3:40000", "dst": "10.96.0.10:8000", "proto": "tcp", "encap": None,
-     "rules": ["mangle PREROUTING -i pistioout -j TPROXY --on-port 15001 --tproxy-mark 0x400/0xfff"],
-     "route": "table 100", "proxy": None},
-    {"n": "5", "netns": "hc-u-istio-system-ztunnel-node-a", "node": "node-a", "iface": "eth0", "dir": "in",
-     "src": "10.0.1.3:40000", "dst": "10.96.0.10:8000", "proto": "tcp", "encap": None, "rules": [], "route": "",
-     "proxy": {"component": "ztunnel-node-a", "listener": "15001"}},
-    {"n": "6", "netns": "hc-u-fabric", "node": None, "iface": "node-b", "dir": "out", "src": "10.0.1.3:41000",
-     "dst": "10.0.2.3:80", "proto": "tcp", "encap": None, "rules": [], "route": "", "proxy": None},
-    {"n": "7", "netns": "hc-u-bar-httpbin", "node": "node-b", "iface": "eth0", "dir": "in", "src": "10.0.1.3:41000",
-     "dst": "10.0.2.3:80", "proto": "tcp", "encap": None, "rules": [], "route": "",
-     "proxy": {"component": "httpbin.bar-sidecar", "listener": "15006"}},
-    {"n": "8", "netns": "hc-u-bar-httpbin", "node": "node-b", "iface": "lo", "dir": "in", "src": "127.0.0.6:42000",
-     "dst": "10.0.2.3:80", "proto": "tcp", "encap": None, "rules": [], "route": "", "proxy": None},
-]
+TOPOLOGIES = sorted(p.stem for p in (Path(__file__).parents[2] / "topologies").glob("*.yaml"))
+PATHS = [(t, p.name) for t in TOPOLOGIES for p in load_topology(t).paths if p.hops]
 
 
-def plan_of(topology: str, lab: str = "hc-u"):
-    return build_plan(load_topology(topology), lab=lab, tunnel="userspace")
+def plan_of(topology: str, lab: str = "hc-u", tunnel: str = "userspace") -> Any:
+    return build_plan(load_topology(topology), lab=lab, tunnel=tunnel)
 
 
-def svg_of(tmp_path: Path, plan, hops=None) -> tuple[str, list[str]]:
-    out = tmp_path / "d.svg"
-    diagram.render(diagram.build_dot(plan, hops), str(out))
-    text = out.read_text()
-    ET.fromstring(text)  # valid XML or this raises
-    return text, diagram.svg_texts(text)
+def contract_hops(plan: Any, path_name: str) -> list[dict[str, Any]]:
+    """The hop dicts a trace that matched every contract hop would report for them."""
+    geo = Geography(plan)
+    sym = {(ns, s): iface for (ns, iface), s in geo.sym.items()}
+    path = next(p for p in plan.paths if p.name == path_name)
+    out = []
+    for i, h in enumerate(path.hops, 1):
+        netns = next(ns for ns, place in geo.places.items()
+                     if place.at == h.at or (h.at.startswith("waypoint:") and place.at.startswith(h.at + "/")))
+        d: dict[str, Any] = {"n": i, "seed_n": h.n, "at": h.at, "netns": netns, "src": "10.0.1.3:20000",
+                             "dst": f"10.0.2.3:{h.port or 80}", "rules": list(h.rules), "route": "", "mark": None,
+                             "encap": None, "what": h.what}
+        if h.listener:
+            d.update(kind="proxy", proxy={"component": "x", "listener": f"in:{h.listener.split(':')[1]}"})
+        else:
+            d.update(kind="packet", iface=sym.get((netns, h.iface or ""), h.iface), iface_sym=h.iface, dir=h.dir)
+        out.append(d)
+    return out
 
 
-def joined(texts: list[str]) -> str:
-    return "\n".join(texts)
+def segments(fig: Figure) -> list[tuple[int, tuple[float, float], tuple[float, float]]]:
+    return [(a.n, p, q) for a in fig.arrows for p, q in zip(a.points, a.points[1:])]
 
 
-@needs_dot
-@pytest.mark.parametrize("topology", ["ambient-to-sidecar", "sidecar-to-ambient", "ambient-to-ambient",
-                                      "coexistence"])
-def test_every_node_pod_tunnel_and_service_is_drawn(tmp_path: Path, topology: str) -> None:
+def overlapping(s: tuple[tuple[float, float], tuple[float, float]], t: tuple[tuple[float, float], tuple[float, float]]) -> bool:
+    """Two axis-parallel segments lying on the same line and sharing more than a point."""
+    (a, b), (c, d) = s, t
+    if a[0] == b[0] == c[0] == d[0]:
+        lo, hi = max(min(a[1], b[1]), min(c[1], d[1])), min(max(a[1], b[1]), max(c[1], d[1]))
+        return hi - lo > 0.5
+    if a[1] == b[1] == c[1] == d[1]:
+        lo, hi = max(min(a[0], b[0]), min(c[0], d[0])), min(max(a[0], b[0]), max(c[0], d[0]))
+        return hi - lo > 0.5
+    return False
+
+
+def inside(r: Rect, outer: Rect) -> bool:
+    return outer.x <= r.x and outer.y <= r.y and r.right <= outer.right and r.bottom <= outer.bottom
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+def test_each_node_box_holds_its_pods_and_its_own_namespace(topology: str) -> None:
     plan = plan_of(topology)
-    _, texts = svg_of(tmp_path, plan)
-    seen = joined(texts)
-    for node in plan.nodes:
-        assert any(t.startswith(f"{node.name} · netns {node.netns} · {node.ip}") for t in texts), node.name
-    for pod in plan.pods:
-        assert pod.ref in texts, pod.ref
-        assert f"{pod.ip} · {pod.mode}" in texts
-    for svc in plan.services:
-        assert f"service {svc.name}.{svc.namespace}" in texts and f"VIP {svc.vip}" in seen
-    assert texts.count("istioout") == len(plan.nodes) and texts.count("pistioout") == len(plan.nodes)
-    assert texts.count("istioin") == len(plan.nodes) and texts.count("pistioin") == len(plan.nodes)
-    assert "VNI 1001" in seen and "VNI 1000" in seen
-    assert "fabric bridge br0" in seen
+    fig = layout(plan)
+    nodes = {b.ref: b.rect for b in fig.boxes if b.kind == "node"}
+    assert set(nodes) == {n.name for n in plan.nodes}
+    for n in plan.nodes:
+        host = next(b.rect for b in fig.boxes if b.kind == "host" and b.ref == n.netns)
+        assert inside(host, nodes[n.name]), n.name
+        for p in plan.pods:
+            if p.node == n.name:
+                pod = next(b.rect for b in fig.boxes if b.kind == "pod" and b.ref == p.ref)
+                assert inside(pod, nodes[n.name]), p.ref
+                assert pod.bottom < host.y  # the pods sit above their node's own namespace
+    for a, b in itertools.combinations(nodes.values(), 2):
+        assert not a.overlaps(b)
+    chips = [c.rect for c in fig.chips.values()]
+    for a, b in itertools.combinations(chips, 2):
+        assert not a.overlaps(b), (a, b)
+    svg = diagram.to_svg(fig)
+    texts = diagram.svg_texts(svg)
+    for p in plan.pods:
+        assert p.ref in texts
+    if any(lk.kind in ("tap", "geneve") for lk in plan.links):
+        assert {"istioin", "istioout", "pistioin", "pistioout"} <= set(texts)
 
 
-@needs_dot
-def test_proxy_ports_by_mode(tmp_path: Path) -> None:
-    dot = diagram.build_dot(plan_of("sidecar-to-ambient"))
-    # sleep (sidecar) shows 15001/15006, ztunnels 15001/15006/15008, the waypoint 15008
-    assert 'PORT="p15001"' in dot and 'PORT="p15006"' in dot and 'PORT="p15008"' in dot
-    assert dot.count('PORT="pistioout"') == 4
-    _, texts = svg_of(tmp_path, plan_of("sidecar-to-ambient"))
-    assert texts.count("15008") == 5  # four ztunnels + one waypoint
-    assert texts.count("15006") == 5  # four ztunnels + the sleep sidecar
+@pytest.mark.parametrize(("topology", "path"), PATHS)
+def test_every_shipped_path_is_drawn_with_every_hop_number(topology: str, path: str) -> None:
+    plan = plan_of(topology)
+    hops = contract_hops(plan, path)
+    fig = layout(plan, hops, f"{topology} {path}")
+    assert sorted(fig.anchors) == [h["n"] for h in hops]  # every hop has a place in the figure
+    svg = diagram.to_svg(fig, table=True)
+    ET.fromstring(svg)
+    texts = diagram.svg_texts(svg)
+    for h in hops:
+        assert f"({h['seed_n']})" in texts, h  # the seed's number on the figure
+        assert re.search(rf'class="badge[^"]*" data-hop="{h["n"]}"', svg)
+    # numbers never cover each other, a chip or a label; arrows never share a segment
+    badges = [b.rect for b in fig.badges]
+    for a, b in itertools.combinations(badges, 2):
+        assert not a.overlaps(b), (a, b)
+    for b in fig.badges:
+        for c in fig.chips.values():
+            assert not b.rect.overlaps(c.rect), (b, c.key)
+    segs = segments(fig)
+    for (n1, *s), (n2, *t) in itertools.combinations(segs, 2):
+        assert n1 == n2 or not overlapping(tuple(s), tuple(t)), (n1, s, n2, t)  # type: ignore[arg-type]
 
 
-@needs_dot
-def test_trace_hops_are_numbered_and_annotated(tmp_path: Path) -> None:
-    svg, texts = svg_of(tmp_path, plan_of("ambient-to-sidecar"), S1_HOPS)
-    seen = joined(texts)
-    for h in S1_HOPS:
-        assert f"({h['n']})" in seen, h["n"]
-    assert "mark 0x100" in seen and "table 101" in seen and "geneve VNI 1001" in seen
-    assert "ztunnel-node-a :15001" in seen and "httpbin.bar-sidecar :15006" in seen
-    assert "#d62728" in svg  # drawn in the trace colour
+def test_kernel_geneve_and_no_tunnels_draw_the_same_grammar() -> None:
+    """Tunnels come from the plan's links (tap or geneve), not from fixed names: a plan without
+    them (a plain network, or in-pod redirection) draws without any tunnel chip."""
+    kernel = layout(plan_of("ambient-to-sidecar", tunnel="kernel"))
+    assert {c.label for c in kernel.chips.values() if c.kind == "tunnel"} == {"istioin", "istioout", "pistioin", "pistioout"}
+    plain = layout(plan_of("two-nodes"))
+    assert not [c for c in plain.chips.values() if c.kind == "tunnel"]
 
 
-def test_hop_anchors_point_at_tunnels_and_listeners() -> None:
+def test_listener_seen_in_a_pod_without_a_proxy_gets_its_chip() -> None:
+    """In-pod redirection: ztunnel's 15001 inside the client pod's netns. The figure draws what
+    the trace saw, so a proxy hop in an ambient pod adds a listener chip there."""
     plan = plan_of("ambient-to-sidecar")
-    a = [diagram.hop_anchor(h, plan) for h in S1_HOPS]
-    assert a[2] == "tun_node_a_istioout"
-    assert a[3] == "pod_istio_system_ztunnel_node_a:pistioout"
-    assert a[4] == "pod_istio_system_ztunnel_node_a:p15001"
-    assert a[5] == "fabric"
-    assert a[6] == "pod_bar_httpbin:p15006"
-    assert diagram.hop_anchor({"n": "x", "netns": "elsewhere"}, plan) is None
+    sleep = plan.pod("foo/sleep")
+    hops = [{"n": 1, "kind": "packet", "netns": sleep.netns, "iface": "lo", "dir": "out", "seed_n": "1"},
+            {"n": 2, "kind": "proxy", "netns": sleep.netns, "proxy": {"listener": "outbound:15001"}, "seed_n": "2"},
+            {"n": 3, "kind": "packet", "netns": sleep.netns, "iface": "eth0", "dir": "out", "seed_n": "3"}]
+    fig = layout(plan, hops)
+    assert (sleep.netns, "listen:15001") in fig.chips and (sleep.netns, "lo") in fig.chips
+    assert sorted(fig.anchors) == [1, 2, 3] and len(fig.arrows) == 2
 
 
-def test_dot_output_needs_no_graphviz(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "d.dot"
-    rc = diagram.run_cli(argparse.Namespace(target="ambient-to-sidecar", output=str(out), trace=None))
-    assert rc == 0 and out.read_text().startswith("digraph netlab {")
-    assert "2 nodes, 4 pods" in capsys.readouterr().out
+def test_png_and_bad_suffix(tmp_path: Path) -> None:
+    svg = diagram.figure_svg(plan_of("ambient-to-sidecar"))
+    with pytest.raises(Exception, match=r"\.svg, \.png or \.pdf"):
+        diagram.render(svg, str(tmp_path / "x.gif"))
+    import shutil
+
+    if shutil.which("rsvg-convert"):
+        diagram.render(svg, str(tmp_path / "x.png"))
+        assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_trace_needs_a_running_lab(tmp_path: Path, monkeypatch) -> None:
-    from netlab.errors import UsageError
+def test_svg_output_does_not_follow_a_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_text("keep")
+    (tmp_path / "out.svg").symlink_to(target)
+    with pytest.raises(Exception, match="cannot write"):
+        diagram.render(diagram.figure_svg(plan_of("two-nodes")), str(tmp_path / "out.svg"))
+    assert target.read_text() == "keep"
 
-    monkeypatch.setenv("NETLAB_RUN_DIR", str(tmp_path))
-    with pytest.raises(UsageError, match="running lab"):
-        diagram.run_cli(argparse.Namespace(target="ambient-to-sidecar", output=str(tmp_path / "x.svg"),
-                                           trace=["sleep", "httpbin.bar:8000"]))
+
+def test_diagram_cli_without_root_draws_a_topology(tmp_path: Path) -> None:
+    from netlab.cli import main
+
+    out = tmp_path / "t.svg"
+    assert main(["diagram", "sidecar-to-ambient", "-o", str(out)]) == 0
+    texts = diagram.svg_texts(out.read_text())
+    assert "bar-2/waypoint" in texts and "node-d" in texts
