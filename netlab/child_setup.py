@@ -1,16 +1,23 @@
-"""What every program the lab supervises does first: its fd limit, and dying with its supervisor.
+"""What every program the lab supervises does: its fd limit, dying with its supervisor, its event
+loop, and the ready line.
 
-Shared by the proxies (ztunnel, sidecar, waypoint), the sample apps and the supervisor's
-``spawn`` (which runs :func:`raise_nofile` as root just before a child drops its privileges).
-Imports nothing from netlab: it sits at the bottom of the layers.
+Shared by the proxies (ztunnel, sidecar, waypoint: :mod:`netlab.mesh.process`), the sample apps
+(:mod:`netlab.apps`) and the supervisor's ``spawn`` (which runs :func:`raise_nofile` as root just
+before a child drops its privileges). Imports nothing from netlab: it sits at the bottom of the
+layers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import json
 import os
 import resource
 import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 #: The fd limit every lab process gets, soft and hard (capped by ``fs.nr_open``). A proxy holds
 #: two sockets per proxied connection and, while a TCP relay runs, a dup of each; an inherited
@@ -77,3 +84,36 @@ def setup() -> int:
     """Both of the above; returns the soft fd limit."""
     rearm_parent_death()
     return raise_nofile()
+
+
+def announce_ready(app: str, name: str, **fields: Any) -> None:
+    """The supervisor's readiness contract: one JSON line with ``"event": "ready"`` on stdout,
+    flushed, printed only once every listening socket is bound (so "ready" means "connect()
+    will succeed"). It names the program (``app``), its instance (``name``) and its pid; the
+    rest is the program's own (e.g. the bound ports, so a test can ask for port 0)."""
+    rec = {"event": "ready", "app": app, "name": name, "pid": os.getpid(), **fields}
+    sys.stdout.write(json.dumps(rec, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def use_uvloop() -> bool:
+    """New event loops are uvloop's when it is installed and ``NETLAB_NO_UVLOOP`` is not ``1``;
+    returns whether they are."""
+    if os.environ.get("NETLAB_NO_UVLOOP") == "1":
+        return False
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``main()`` to its end on a new event loop (:func:`use_uvloop`); Ctrl-C in a terminal
+    exits quietly, without a traceback."""
+    use_uvloop()
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

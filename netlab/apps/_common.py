@@ -1,9 +1,10 @@
-"""What every sample app shares: command line, the ready line, JSON logs, the event loop.
+"""What every sample app shares: command line, JSON logs, binding and serving (:func:`serve`).
 
-The supervisor (``netlab.runtime.supervisor``) knows an app is serving when a line that parses
-as JSON with ``"event": "ready"`` appears on its stdout. Apps print it only after every
-listening socket is bound, so "ready" really means "connect() will succeed". The line also
-carries the bound ports, which lets tests ask for ``--port 0`` and learn the real port.
+The supervisor (``netlab.runtime.supervisor``) knows an app is serving when its ready line
+(:func:`netlab.child_setup.announce_ready`, as the proxies print it) appears on its stdout. Apps
+print it only after every listening socket is bound, so "ready" really means "connect() will
+succeed". The line also carries the bound ports, which lets tests ask for ``--port 0`` and learn
+the real port.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
+
+from netlab import child_setup
 
 
 def base_parser(prog: str, default_port: int, description: str) -> argparse.ArgumentParser:
@@ -45,7 +48,7 @@ class JsonLog:
     """One JSON object per line, flushed each time so `netlab logs -f` sees it immediately."""
 
     def __init__(self, path: str | None) -> None:
-        self._f: TextIO = open(path, "a", buffering=1) if path else sys.stdout
+        self._f: TextIO = open(path, "a", buffering=1) if path else sys.stdout  # noqa: SIM115 - the app's lifetime
 
     def emit(self, **fields: Any) -> None:
         rec = {"time": now_iso(), **fields}
@@ -54,14 +57,7 @@ class JsonLog:
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def announce_ready(name: str, app: str, ports: list[int], **extra: Any) -> None:
-    """Print the ready line on stdout (always stdout: that is what the supervisor watches)."""
-    rec = {"event": "ready", "app": app, "name": name, "pid": os.getpid(), "ports": ports, **extra}
-    sys.stdout.write(json.dumps(rec, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def peer_ip_port(peer: Any) -> tuple[str, int]:
@@ -77,7 +73,8 @@ def peer_ip_port(peer: Any) -> tuple[str, int]:
 async def listen(client_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
                  bind: str, ports: list[int]) -> tuple[list[asyncio.base_events.Server], list[int]]:
     """Bind every port (backlog 4096: 1000 simultaneous connects must not overflow the queue)."""
-    servers, bound = [], []
+    servers: list[asyncio.base_events.Server] = []
+    bound: list[int] = []
     for port in ports:
         srv = await asyncio.start_server(client_cb, host=bind, port=port, backlog=4096,
                                          reuse_address=True, limit=1 << 16)
@@ -86,20 +83,14 @@ async def listen(client_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter
     return servers, bound
 
 
-async def serve_forever(servers: list[asyncio.base_events.Server]) -> None:
-    await asyncio.gather(*(s.serve_forever() for s in servers))
+def serve(args: argparse.Namespace, app: str, name: str,
+          client_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]], **extra: Any) -> None:
+    """An app's life after its set-up: bind every ``--port``, say ready (with the bound ports),
+    serve until killed, on uvloop when it is installed (:mod:`netlab.child_setup`)."""
 
+    async def amain() -> None:
+        servers, ports = await listen(client_cb, args.bind, ports_of(args))
+        child_setup.announce_ready(app, name, ports=ports, **extra)
+        await asyncio.gather(*(s.serve_forever() for s in servers))
 
-def run(main: Callable[[], Awaitable[None]]) -> None:
-    """Run ``main`` on uvloop when installed (and not disabled by NETLAB_NO_UVLOOP=1)."""
-    try:
-        try:
-            if os.environ.get("NETLAB_NO_UVLOOP") == "1":
-                raise ImportError
-            import uvloop  # type: ignore[import-not-found]
-        except ImportError:
-            asyncio.run(main())
-        else:
-            uvloop.run(main())
-    except KeyboardInterrupt:  # Ctrl-C in a terminal: exit quietly, no traceback
-        pass
+    child_setup.run(amain)

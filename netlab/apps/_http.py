@@ -103,7 +103,8 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, str, str, list[
 async def _read_body(reader: asyncio.StreamReader, headers: list[tuple[str, str]]) -> bytes:
     hd = {k.lower(): v for k, v in headers}
     if "chunked" in hd.get("transfer-encoding", "").lower():
-        parts, total = [], 0
+        parts: list[bytes] = []
+        total = 0
         while True:
             size_line = await reader.readline()
             try:
@@ -197,7 +198,7 @@ def make_connection_handler(handler: Handler, log: JsonLog, server: str
                 keep = _keep_alive(version, headers)
                 try:
                     resp = await handler(req)
-                except Exception as e:  # a handler bug must not kill the connection silently
+                except Exception as e:  # noqa: BLE001 - a handler bug must not kill the connection silently
                     resp = Response(500, f"internal error: {e!r}\n".encode())
                 sent = await _write_response(writer, method, resp, keep, server)
                 log.emit(client=f"{peer[0]}:{peer[1]}", method=method, path=target, status=resp.status,

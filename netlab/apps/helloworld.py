@@ -12,10 +12,10 @@ import os
 
 from netlab import child_setup
 from netlab.apps import _common
-from netlab.apps._http import Request, Response, make_connection_handler
+from netlab.apps._http import Handler, Request, Response, make_connection_handler
 
 
-def make_handler(version: str, name: str):  # type: ignore[no-untyped-def]
+def make_handler(version: str, name: str) -> Handler:
     async def handle(req: Request) -> Response:
         if req.path == "/hello" and req.method in ("GET", "HEAD"):
             return Response(200, f"Hello version: {version}, instance: {name}\n".encode())
@@ -34,14 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     child_setup.setup()  # fd limit; dies with the supervisor
     name = _common.pod_name(args)
     log = _common.JsonLog(args.log)
-
-    async def amain() -> None:
-        cb = make_connection_handler(make_handler(args.version, name), log, "netlab-helloworld")
-        servers, ports = await _common.listen(cb, args.bind, _common.ports_of(args))
-        _common.announce_ready(name, "helloworld", ports, version=args.version)
-        await _common.serve_forever(servers)
-
-    _common.run(amain)
+    cb = make_connection_handler(make_handler(args.version, name), log, "netlab-helloworld")
+    _common.serve(args, "helloworld", name, cb, version=args.version)
 
 
 if __name__ == "__main__":

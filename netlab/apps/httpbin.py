@@ -17,7 +17,7 @@ from typing import Any
 
 from netlab import child_setup
 from netlab.apps import _common
-from netlab.apps._http import Request, Response, make_connection_handler
+from netlab.apps._http import Handler, Request, Response, make_connection_handler
 
 MAX_BYTES = 64 * 1024 * 1024  # httpbin.org caps at 100 KiB; load tests want more
 MAX_DELAY = 10.0
@@ -94,7 +94,7 @@ _ROUTES: list[tuple[re.Pattern[str], str]] = [(re.compile(p), n) for p, n in [
 _GET_ONLY = {"index", "get", "headers", "ip", "user_agent", "bytes", "stream_bytes"}
 
 
-def make_handler(name: str) -> Any:
+def make_handler(name: str) -> Handler:
     async def handle(req: Request) -> Response:
         for pat, route in _ROUTES:
             m = pat.match(req.path)
@@ -141,18 +141,11 @@ def make_handler(name: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _common.base_parser("netlab.apps.httpbin", 8080, __doc__.splitlines()[0]).parse_args(argv)
+    args = _common.base_parser("netlab.apps.httpbin", 8080, (__doc__ or "httpbin").splitlines()[0]).parse_args(argv)
     child_setup.setup()  # fd limit; dies with the supervisor
     name = _common.pod_name(args)
     log = _common.JsonLog(args.log)
-
-    async def amain() -> None:
-        cb = make_connection_handler(make_handler(name), log, "netlab-httpbin")
-        servers, ports = await _common.listen(cb, args.bind, _common.ports_of(args))
-        _common.announce_ready(name, "httpbin", ports)
-        await _common.serve_forever(servers)
-
-    _common.run(amain)
+    _common.serve(args, "httpbin", name, make_connection_handler(make_handler(name), log, "netlab-httpbin"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 
 from netlab import child_setup
 from netlab.apps import _common
@@ -22,7 +23,8 @@ from netlab.apps import _common
 READ_SIZE = 256 * 1024
 
 
-def make_handler(mode: str, log: _common.JsonLog | None):  # type: ignore[no-untyped-def]
+def make_handler(mode: str, log: _common.JsonLog | None
+                 ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _common.peer_ip_port(writer.get_extra_info("peername"))
         t0, total, digest = time.monotonic(), 0, hashlib.sha256()
@@ -62,13 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     nofile = child_setup.setup()  # fd limit; dies with the supervisor
     name = _common.pod_name(args)
     log = None if args.quiet else _common.JsonLog(args.log)
-
-    async def amain() -> None:
-        servers, ports = await _common.listen(make_handler(args.mode, log), args.bind, _common.ports_of(args))
-        _common.announce_ready(name, "sink", ports, mode=args.mode, nofile=nofile)
-        await _common.serve_forever(servers)
-
-    _common.run(amain)
+    _common.serve(args, "sink", name, make_handler(args.mode, log), mode=args.mode, nofile=nofile)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 proxy's connection-log files in ``conn/`` (root's directory; a sidecar's files belong to uid
 1337). Proxies only read files, so a sidecar running as uid 1337 never needs the CA key; what
 it sees of the state directory at all is its own view (:func:`sidecar_view`): the registry,
-the plan, the CA certificate, its own certificate and key, its own connection log.
+the CA certificate, its own certificate and key, its own connection log.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from netlab.plan.types import Plan, Process
 REGISTRY_FILE = "registry.json"
 CA_DIR = "ca"
 CONN_LOG_DIR = "conn"
-PLAN_FILE = "plan.json"
 PROXY_KINDS = ("ztunnel", "sidecar", "waypoint")
 
 
@@ -73,17 +72,18 @@ def _root_dir(d: Path) -> Path:
 
 def sidecar_view(reg: Registry, state_dir: str | os.PathLike[str], proc: Process) -> dict[str, list[str]]:
     """What a sidecar process sees of the labs' state (``netlab.runtime.mountview``): nothing of
-    any lab's directory but its registry, plan and CA certificate, its own certificate directory
+    any lab's directory but its registry and CA certificate, its own certificate directory
     (read-only) and its own connection-log files (writable). Every sidecar runs as uid 1337:
     without this each could read every other's key, of this lab and of any other."""
     sd = Path(state_dir).resolve()
     ctx = MeshContext(state_dir=sd, registry=reg)
-    ns, _, name = proc.ref.partition("/")
-    me = next(w for w in reg.workloads.values() if w.namespace == ns and w.name == name)
+    me = reg.pod(proc.ref)
+    if me is None:  # the plan's sidecar processes are the registry's sidecar pods: a bug if not
+        raise KeyError(f"no workload for sidecar {proc.ref} in the registry")
     cert, _key = ctx.cert_for(me.identity)
     runs = sd.parent if len(sd.parent.parts) > 2 else sd  # never a tmpfs over / or /run
     return {"hide": [str(runs)],
-            "expose": [str(sd / REGISTRY_FILE), str(sd / PLAN_FILE), str(ctx.ca_cert), str(cert.parent)],
+            "expose": [str(sd / REGISTRY_FILE), str(ctx.ca_cert), str(cert.parent)],
             "expose_rw": [str(f) for f in connlog.files_of(ctx.conn_log_path(proc.name))]}
 
 
@@ -106,12 +106,12 @@ class MeshContext:
     registry: Registry
 
     @classmethod
-    def load(cls, state_dir: str | os.PathLike[str]) -> "MeshContext":
+    def load(cls, state_dir: str | os.PathLike[str]) -> MeshContext:
         sd = Path(state_dir)
         return cls(state_dir=sd, registry=Registry.load(sd / REGISTRY_FILE))
 
     @classmethod
-    def for_lab(cls, lab: str) -> "MeshContext":
+    def for_lab(cls, lab: str) -> MeshContext:
         from netlab.lab import state_dir
 
         return cls.load(state_dir(lab))

@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from netlab.istio import TRUST_DOMAIN, spiffe_id
 from netlab.names import BadName, cert_dir_name
 
-__all__ = ["LabCA", "CAError", "uri_sans", "trust_domain_of", "spiffe_id"]
+__all__ = ["CAError", "LabCA", "spiffe_id", "trust_domain_of", "uri_sans"]
 
 CA_COMMON_NAME = "netlab lab CA"
 CA_CERT_FILE = "ca-cert.pem"
@@ -75,7 +75,7 @@ def uri_sans(cert: x509.Certificate | bytes | str | os.PathLike[str]) -> list[st
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

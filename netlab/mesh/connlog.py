@@ -60,7 +60,7 @@ class Leg:
     duration_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def finish(self, outcome: str | None = None) -> "Leg":
+    def finish(self, outcome: str | None = None) -> Leg:
         if outcome is not None:
             self.outcome = outcome
         self.duration_ms = round((time.time() - self.start) * 1000, 3)

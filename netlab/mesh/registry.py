@@ -1,7 +1,9 @@
 """The workload and service registry: what istiod would push to ztunnel (WDS) and Envoy (EDS).
 
 Derived from the plan alone, so every proxy of a lab sees the same, deterministic view. Written to
-``<state dir>/registry.json`` at ``up`` and loaded by ztunnel, sidecars and waypoints.
+the lab's state directory at ``up`` and loaded by ztunnel, sidecars and waypoints: it is all a
+proxy knows of the lab (a workload carries its pod's labels too, for the sidecar's ``version``
+baggage and a waypoint's service-account scope), so no proxy reads the plan.
 
 Protocol per workload (reference §3, §5.2, AIDX): ambient-enrolled pods and waypoints speak HBONE;
 a sidecar pod labelled ``networking.istio.io/tunnel=http`` speaks HBONE natively (``native_hbone``);
@@ -20,6 +22,8 @@ from netlab import istio
 from netlab.plan.types import Plan, PodInfo
 from netlab.plan.types import PolicyInfo as Policy  # the plan's policies are what istiod would push
 
+__all__ = ["Policy", "Protocol", "Registry", "ServiceEntry", "Workload", "build_registry"]
+
 Protocol = Literal["HBONE", "TCP"]
 
 
@@ -36,10 +40,14 @@ class Workload:
     native_hbone: bool = False
     waypoints: tuple[str, ...] = ()  # waypoint pod IPs (§7 "Waypoint addresses")
     app: str = ""
+    labels: tuple[tuple[str, str], ...] = ()  # the pod's labels, as in the plan
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def label(self, key: str) -> str | None:
+        return next((v for k, v in self.labels if k == key), None)
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,10 @@ class Registry:
     # ---- lookups the proxies make ----
     def workload(self, ip: str) -> Workload | None:
         return self.workloads.get(ip)
+
+    def pod(self, ref: str) -> Workload | None:
+        """The workload of pod ``<namespace>/<name>`` (how a sidecar or waypoint finds itself)."""
+        return next((w for w in self.workloads.values() if w.ref == ref), None)
 
     def service(self, ip: str, port: int) -> ServiceEntry | None:
         return self.services.get(f"{ip}:{port}")
@@ -103,11 +115,12 @@ class Registry:
         }, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "Registry":
+    def from_json(cls, text: str) -> Registry:
         d = json.loads(text)
         r = cls(trust_domain=d["trust_domain"], ztunnels=dict(d["ztunnels"]))
         for w in d["workloads"]:
             w["waypoints"] = tuple(w.get("waypoints", ()))
+            w["labels"] = tuple((k, v) for k, v in w.get("labels", ()))
             r.workloads[w["ip"]] = Workload(**w)
         for s in d["services"]:
             s["endpoints"] = tuple(s["endpoints"])
@@ -118,7 +131,7 @@ class Registry:
         return r
 
     @classmethod
-    def load(cls, path: str | Path) -> "Registry":
+    def load(cls, path: str | Path) -> Registry:
         return cls.from_json(Path(path).read_text())
 
 
@@ -151,7 +164,7 @@ def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Regist
         reg.workloads[p.ip] = Workload(
             name=p.name, namespace=p.namespace, ip=p.ip, node=p.node, service_account=p.service_account,
             identity=istio.spiffe_id(p.namespace, p.service_account, trust_domain), protocol=proto, mode=p.mode,
-            native_hbone=native, waypoints=wps, app=p.app)
+            native_hbone=native, waypoints=wps, app=p.app, labels=tuple(p.labels))
     ip_of = {p.ref: p.ip for p in plan.pods}
     for s in plan.services:
         reg.services[f"{s.vip}:{s.port}"] = ServiceEntry(

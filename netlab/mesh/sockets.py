@@ -1,4 +1,4 @@
-"""Socket tricks of the mesh proxies: transparent listeners, original destination, spoofed sources.
+"""Every socket the mesh proxies make: listeners, accepted sockets, upstream sockets.
 
 * TPROXY only hands packets to a listener with ``IP_TRANSPARENT`` (reference §4.2); the accepted
   socket's local address is then the original destination.
@@ -6,29 +6,65 @@
   conntrack entry gives the original destination.
 * ztunnel keeps the client's source IP by binding its upstream socket to that IP with
   ``IP_TRANSPARENT`` + ``IP_FREEBIND`` (ztunnel's ``freebind_connect``).
+
+Byte streams over these sockets are :mod:`netlab.mesh.relay`'s; this module stops at the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import socket
 import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-IP_TRANSPARENT = 19
-IP_FREEBIND = 15
-SO_ORIGINAL_DST = 80
+IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
+IPV6_TRANSPARENT = 75  # linux/in6.h; the socket module has no name for it
+SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 #: Accept-queue length of every proxy listener. A full queue drops the SYN (TcpExtListenDrops),
 #: and the client retries it 1, 3, 7 s later: with asyncio's default of 100, a burst of 1000
 #: connects (soak S1) waited 4-7 s at p99 and some timed out. The kernel caps it at
 #: net.core.somaxconn (4096 by default in every netns).
 LISTEN_BACKLOG = 4096
+#: How many already-waiting connections one accept step takes (see :func:`accept_backlog`).
+ACCEPT_BATCH = 128
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
 
 
-def listener(host: str, port: int, *, transparent: bool = False,
-             backlog: int = LISTEN_BACKLOG) -> socket.socket:
+def _family(ip: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in ip else socket.AF_INET
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """No Nagle: proxied request/response traffic must not wait for a full segment."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def set_linger_zero(sock: socket.socket | None) -> None:
+    """Make the next close() send RST instead of FIN (how a reset is passed on to TCP)."""
+    if sock is None:  # uvloop: the transport's handle is already closed
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+
+
+def listener(host: str, port: int, *, transparent: bool = False, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """A non-blocking TCP listening socket; ``transparent`` for TPROXY targets."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if transparent:
@@ -42,7 +78,7 @@ def listener(host: str, port: int, *, transparent: bool = False,
     return s
 
 
-def original_dst(sock: socket.socket) -> tuple[str, int]:
+def original_dst(sock: socket.socket) -> Address:
     """The destination the client meant: ``SO_ORIGINAL_DST`` (REDIRECT), else the local address
     (TPROXY), as ztunnel's ``orig_dst_addr_or_default`` does."""
     try:
@@ -54,33 +90,80 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
         return ip, port
 
 
-def upstream_socket(src_ip: str | None, *, transparent: bool = True) -> socket.socket:
-    """A non-blocking socket bound to ``src_ip`` (spoofed when it is not ours), or unbound."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if src_ip is not None:
-            if transparent:
-                s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-                s.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
-            s.bind((src_ip, 0))
-    except OSError:
-        s.close()
-        raise
-    return s
+def client_socket(dest: Address, source: Address | None = None, transparent: bool = False) -> socket.socket:
+    """A non-blocking, unconnected TCP socket like ztunnel's ``freebind_connect`` makes (ZT-PROXY, §4.2).
 
-
-async def connect(dst: tuple[str, int], src_ip: str | None = None, *, transparent: bool = True,
-                  timeout: float = 10.0) -> socket.socket:
-    """Connect a (possibly source-spoofed) socket; ztunnel's connect timeout is 10 s (§4.2).
-    If the source equals the destination IP, connect without binding, as ztunnel does."""
-    if src_ip == dst[0]:
-        src_ip = None
-    s = upstream_socket(src_ip, transparent=transparent)
+    ``transparent`` sets IP_TRANSPARENT + IP_FREEBIND so ``source`` may be a foreign (pod) IP.
+    A source equal to the destination IP is not bound, as in ztunnel.
+    """
+    family = _family(dest[0])
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, dst), timeout)
+        sock.setblocking(False)
+        if transparent:
+            if family == socket.AF_INET:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(SOL_IPV6, IPV6_TRANSPARENT, 1)
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if source is not None and source[0] != dest[0]:
+            sock.bind(source)
     except BaseException:
-        s.close()
+        sock.close()
         raise
-    return s
+    return sock
+
+
+async def connect_socket(sock: socket.socket, dest: Address, timeout: float) -> None:
+    """Connect ``sock`` within ``timeout`` s; a timeout is ``TimeoutError(ETIMEDOUT)``."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, dest), timeout)
+    except TimeoutError:  # asyncio.TimeoutError is TimeoutError since 3.11
+        raise TimeoutError(errno.ETIMEDOUT, f"connect to {dest[0]}:{dest[1]} timed out") from None
+    except OSError as e:
+        # without the frames below us: wait_for's frame holds the failed future, which holds
+        # ``e``, so that traceback is a cycle pinning every caller's frame (streams, legs) too
+        raise e.with_traceback(None) from None
+
+
+def accept_backlog(lsock: socket.socket, limit: int = ACCEPT_BATCH) -> list[socket.socket]:
+    """Whatever else is already waiting in a non-blocking listener's backlog (up to ``limit``).
+
+    ``loop.sock_accept`` takes one connection per event-loop iteration; when 1000 clients
+    connect at once and every iteration also relays data, the last ones wait seconds in the
+    backlog (their TLS handshake clock already running on the other side). :func:`accept_forever`
+    calls this after each ``sock_accept``, as libuv and Envoy accept in batches.
+    """
+    out: list[socket.socket] = []
+    while len(out) < limit:
+        try:
+            sock, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            break
+        except (ConnectionAbortedError, ConnectionResetError):
+            continue
+        except OSError:
+            break  # EMFILE & co: the caller's sock_accept reports it and backs off
+        out.append(sock)
+    return out
+
+
+async def accept_forever(lsock: socket.socket, on_conn: Callable[[socket.socket], Coroutine[Any, Any, None]],
+                         spawn: Callable[[Coroutine[Any, Any, None]], object], what: str = "accept") -> None:
+    """Accept on ``lsock`` until cancelled; each connection's ``on_conn(sock)`` goes to ``spawn``
+    (which keeps the task referenced). An accept error (EMFILE) is logged and retried shortly."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            sock, _ = await loop.sock_accept(lsock)
+        except (ConnectionAbortedError, ConnectionResetError):
+            continue
+        except OSError as e:
+            log.warning("%s: accept failed: %s", what, e)
+            await asyncio.sleep(0.05)
+            continue
+        spawn(on_conn(sock))
+        for s in accept_backlog(lsock):  # the whole backlog, not one per loop iteration
+            spawn(on_conn(s))

@@ -438,6 +438,49 @@ def test_client_abort_resets_upstream_tcp(pki):
     run(main())
 
 
+def test_a_client_gone_before_the_relay_is_still_reported(pki):
+    """The handler accepted a CONNECT whose client gave up while it connected upstream: the
+    upstream is aborted and ``on_relay_done`` still reports the stream (``downstream_gone``), so
+    every accepted leg gets its log line, in ztunnel as in the sidecar and the waypoint."""
+
+    async def main():
+        up = await Upstream().start()
+        results, release = [], asyncio.Event()
+
+        async def slow_handler(req):
+            await release.wait()  # the client times out meanwhile
+            return await tcp_connect(up.addr)
+
+        srv = await start_server(pki, handler=slow_handler, on_relay_done=lambda r, res: results.append(res))
+        with pytest.raises(HboneError):
+            await connect(pki, srv, tls_timeout=1.0)
+        release.set()
+        for _ in range(200):
+            if results:
+                break
+            await asyncio.sleep(0.01)
+        assert [(r.outcome, r.bytes_up, r.bytes_down) for r in results] == [("downstream_gone", 0, 0)]
+        await srv.close()
+        await up.close()
+
+    run(main())
+
+
+def test_importing_hbone_patches_neither_h2_nor_hyperframe():
+    """HBONE's cheap frame repr is its own frame class, not a change to the libraries: importing
+    netlab.mesh.hbone leaves every function and class attribute of h2 and hyperframe as it was."""
+    code = (
+        "import h2.connection as c, hyperframe.frame as f\n"
+        "snap = lambda: (dict(vars(f)), {k: dict(vars(v)) for k, v in vars(f).items() if isinstance(v, type)},"
+        " dict(vars(c.H2Connection)))\n"
+        "before = snap()\n"
+        "import netlab.mesh.hbone\n"
+        "assert snap() == before, 'h2/hyperframe changed by importing netlab.mesh.hbone'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
 def test_relay_tcp_to_hbone_counts_and_half_close(pki):
     """A ztunnel-outbound-like leg: plain TCP client -> relay -> HBONE -> upstream."""
     payload = os.urandom(2 * 1024 * 1024)
@@ -499,7 +542,7 @@ def test_header_helpers():
 
 def test_server_handles_several_streams_on_one_connection(pki):
     """ztunnel 1.18 clients send one CONNECT per connection, but the server must not care."""
-    from netlab.mesh.hbone import _open_stream
+    from netlab.mesh.hbone.client import _open_stream
 
     async def main():
         up = await Upstream(b"!").start()
@@ -528,7 +571,8 @@ def test_server_handles_several_streams_on_one_connection(pki):
 _KILLED_SERVER = r"""
 import asyncio, hashlib, json, os, sys
 from netlab.mesh.hbone import HboneServer
-from netlab.mesh.relay import install_fast_loop, tcp_connect
+from netlab.mesh.process import install_fast_loop
+from netlab.mesh.relay import tcp_connect
 
 cert, key, ca = sys.argv[1:4]
 

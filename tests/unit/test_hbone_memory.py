@@ -41,7 +41,7 @@ CLIENT_ID, DEFAULT_ID = spiffe_id("foo", "sleep"), spiffe_id("istio-system", "zt
 
 # one of each exists per connection (or per stream / TLS side); any left over is a leak
 PER_CONNECTION = (
-    "_H2Conn", "HboneStream", "TcpStream", "_TcpProtocol", "H2Connection", "H2Stream", "SSLObject",
+    "HboneConnection", "HboneStream", "TcpStream", "_TcpProtocol", "_H2State", "H2Stream", "SSLObject",
     "SSLProtocol", "_SSLProtocolTransport", "MemoryBIO", "ConnectRequest", "RelayResult", "StreamReset",
 )
 
@@ -295,13 +295,13 @@ def test_many_connections_do_not_accumulate_even_with_gc(pki: dict[str, Any]) ->
 
 def test_idle_heap_trim_runs_once_per_burst(pki: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Proxies (``install_fast_loop``) hand freed heap back once connections stop; not while idle."""
-    from netlab.mesh import relay as relay_mod
+    from netlab.mesh import heaptrim
 
     calls: list[int] = []
-    if not relay_mod.enable_idle_heap_trim(0.05):
+    if not heaptrim.enable(0.05):
         pytest.skip("no glibc malloc_trim")
-    monkeypatch.setattr(relay_mod, "_malloc_trim", lambda pad: calls.append(pad) or 1)
-    monkeypatch.setattr(relay_mod, "_trim_loop", None)
+    monkeypatch.setattr(heaptrim, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    monkeypatch.setattr(heaptrim, "_trim_loop", None)
 
     async def main() -> None:
         chain = await Chain(pki).start()
@@ -317,4 +317,4 @@ def test_idle_heap_trim_runs_once_per_burst(pki: dict[str, Any], monkeypatch: py
     try:
         run_on(LOOPS[0], main)
     finally:
-        relay_mod._trim_interval = None
+        heaptrim._trim_interval = None

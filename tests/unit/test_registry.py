@@ -46,3 +46,19 @@ def test_vip_resolves_to_endpoint_and_target_port() -> None:
 def test_json_round_trip() -> None:
     r = reg_of("coexistence")
     assert Registry.from_json(r.to_json()).to_json() == r.to_json()
+
+
+def test_pod_labels_travel_in_the_registry() -> None:
+    """The proxies learn their pod's labels (the sidecar's ``version`` baggage, a waypoint's
+    service-account scope) from the registry, never from the plan: both survive the JSON the
+    proxies load, and a waypoint's scope label is the one the plan gave its pod."""
+    plan = build_plan(load_topology("coexistence"))
+    r = Registry.from_json(build_registry(plan).to_json())
+    for p in plan.pods:
+        if p.mode == "ztunnel":
+            continue
+        w = r.pod(p.ref)
+        assert w is not None and w.labels == p.labels and w.label("app") == dict(p.labels).get("app")
+    sleep = r.pod("sc/sleep")
+    assert sleep is not None and sleep.label("version") == "v1"
+    assert r.pod("no/such") is None

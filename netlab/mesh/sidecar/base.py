@@ -1,33 +1,25 @@
-"""What the Envoy-shaped proxies of the lab (sidecar, waypoint) share.
+"""What the sidecar's listeners share, and only the sidecar: Envoy's choices the lab wants to show.
 
-Kept apart from ztunnel on purpose: Envoy and ztunnel differ in small ways the lab wants to
-show (SAN matching by trust-domain prefix, the 127.0.0.6 inbound bind, the 2 s HBONE connect
-timeout), so these helpers encode Envoy's choices only. The waypoint imports them too.
+Envoy and ztunnel differ in small ways (SAN matching by trust-domain prefix, the 127.0.0.6
+inbound bind, REDIRECT instead of TPROXY), so these helpers encode the sidecar's side only.
+What every proxy shares (process set-up, readiness, accept loop, recording legs) is in
+:mod:`netlab.mesh.process`, :mod:`netlab.mesh.sockets` and :mod:`netlab.mesh.legs`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import os
 import socket
-import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from netlab import istio
-from netlab.mesh.bootstrap import MeshContext
-from netlab.mesh.connlog import ConnLog, Leg, addr
-from netlab.mesh.hbone import ConnectRequest
-from netlab.mesh.registry import Workload
-from netlab.mesh.relay import RelayResult, TcpStream, accept_backlog, tcp_stream_from_socket
-from netlab.mesh.sockets import original_dst
+from netlab.mesh.connlog import Leg, addr
+from netlab.mesh.legs import LegRecorder
+from netlab.mesh.relay import TcpStream, tcp_stream_from_socket
+from netlab.mesh.sockets import Address, original_dst
 
 log = logging.getLogger(__name__)
-
-READY_PATH = "/healthz/ready"
 
 
 class TrustDomainSans(Sequence[str]):
@@ -49,7 +41,7 @@ class TrustDomainSans(Sequence[str]):
     def __len__(self) -> int:
         return 1
 
-    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]  # one pattern; slices make no sense
         if i != 0:
             raise IndexError(i)
         return self.prefix + "*"
@@ -61,123 +53,14 @@ class TrustDomainSans(Sequence[str]):
         return f"TrustDomainSans({self.prefix}*)"
 
 
-def find_workload(ctx: MeshContext, ref: str) -> Workload:
-    """The registry entry of ``<ns>/<pod>``; the registry is keyed by IP."""
-    ns, _, name = ref.partition("/")
-    for w in ctx.registry.workloads.values():
-        if w.namespace == ns and w.name == name:
-            return w
-    raise SystemExit(f"pod {ref!r} is not in the lab registry {ctx.state_dir}")
-
-
-def pod_labels(state_dir: Path, ref: str) -> dict[str, str]:
-    """Labels of a pod from the applied plan (the registry does not carry them).
-
-    Needed for the ``version`` label of the sidecar's ``baggage`` and a waypoint's
-    ``istio.io/for-service-account`` scope. Missing/unreadable plan -> no labels (defaults apply).
-    """
-    try:
-        d = json.loads((state_dir / "plan.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    for p in d.get("pods", ()):
-        if f"{p.get('namespace')}/{p.get('name')}" == ref:
-            return {k: v for k, v in p.get("labels", ())}
-    return {}
-
-
-def announce_ready(**extra: Any) -> None:
-    """The supervisor's readiness contract: one JSON line on stdout, flushed."""
-    sys.stdout.write(json.dumps({"event": "ready", "pid": os.getpid(), **extra}) + "\n")
-    sys.stdout.flush()
-
-
-def setup_logging(name: str) -> None:
-    logging.basicConfig(level=os.environ.get("NETLAB_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s")
-
-
-async def serve_readiness(host: str = "0.0.0.0", port: int = istio.READINESS_PORT,
-                          is_ready: Callable[[], bool] = lambda: True) -> asyncio.AbstractServer:
-    """pilot-agent's ``/healthz/ready`` on 15021 (excluded from capture by ``-d 15090,15021,15020``).
-
-    Minimal HTTP/1.1: 200 when ready, 503 otherwise, 404 for other paths; one request per
-    connection. Good enough for curl and for probes; nothing else talks to it.
-    """
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            parts = head.split(b"\r\n", 1)[0].split()
-            path = parts[1].decode("latin-1") if len(parts) > 1 else ""
-            if path.split("?", 1)[0] == READY_PATH:
-                status, body = (200, b"") if is_ready() else (503, b"not ready\n")
-            else:
-                status, body = 404, b"not found\n"
-            reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-            writer.write(f"HTTP/1.1 {status} {reason}\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
-                         .encode() + body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port, reuse_address=True)
-
-
-async def accept_loop(lsock: socket.socket, on_conn: Callable[[socket.socket], Awaitable[None]],
-                      tasks: set[asyncio.Task[Any]]) -> None:
-    """Accept forever, one task per connection (kept in ``tasks`` so they are not collected)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            sock, _ = await loop.sock_accept(lsock)
-        except (ConnectionAbortedError, ConnectionResetError):
-            continue
-        except OSError as e:
-            log.warning("accept failed: %s", e)
-            await asyncio.sleep(0.05)
-            continue
-        for s in [sock, *accept_backlog(lsock)]:  # the whole backlog, not one per loop iteration
-            t = loop.create_task(on_conn(s))
-            tasks.add(t)
-            t.add_done_callback(tasks.discard)
-
-
-ORPHAN_GRACE_S = 1.0
-
-
-async def open_redirected(sock: socket.socket, orig: tuple[str, int], component: str, listener: str,
-                          conn_log: ConnLog, **identities: str) -> tuple[Leg, TcpStream | None]:
-    """The leg of a connection a REDIRECT listener accepted, and its stream. The stream is None
-    (the socket closed, the leg logged as an error) when the socket was gone before we got it."""
-    leg = Leg(component=component, listener=listener, src=addr(sock.getpeername()), orig_dst=addr(orig),
-              local=addr(sock.getsockname()), **identities)
-    try:
-        return leg, await tcp_stream_from_socket(sock)
-    except OSError as e:
-        sock.close()
-        conn_log.write(leg.finish(f"error:{e}"))
-        return leg, None
-
-
-def finish_parked_leg(legs: dict[object, Leg], conn_log: ConnLog, req: ConnectRequest, res: RelayResult) -> None:
-    """``HboneServer.on_relay_done``: log the leg the handler parked for this stream."""
-    leg = legs.pop(req.stream, None)
-    if leg is None:
-        return
-    leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
-    if res.outcome != "ok":
-        leg.extra["reset"] = res.outcome
-    conn_log.write(leg.finish("ok" if res.outcome == "ok" else "reset"))
-
-
 class RedirectListener:
     """A sidecar listener fed by istio-iptables REDIRECT: read the original destination off the
     conntrack entry (SO_ORIGINAL_DST), then hand the socket to ``serve``."""
 
     listener = ""
+
+    def __init__(self, legs: LegRecorder) -> None:
+        self.legs = legs
 
     async def on_accept(self, sock: socket.socket) -> None:
         try:
@@ -188,26 +71,20 @@ class RedirectListener:
             return
         await self.serve(sock, orig)
 
-    async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
+    async def serve(self, sock: socket.socket, orig: Address) -> None:
         raise NotImplementedError
 
-
-def watch_orphan(req: ConnectRequest, legs: dict[object, Leg], conn_log: ConnLog) -> None:
-    """Still log a leg whose relay never ran.
-
-    ``HboneServer`` calls ``on_relay_done`` only for relayed streams; if the client gave up while
-    the handler was connecting upstream, it aborts the upstream and says nothing. The leg the
-    handler parked in ``legs`` is then written as ``downstream_gone`` shortly after the stream
-    ended (a relayed stream's leg has been popped by then).
-    """
-    stream = req.stream
-    if stream is None:
-        return
-
-    def flush() -> None:
-        leg = legs.pop(stream, None)
-        if leg is not None:
-            conn_log.write(leg.finish("downstream_gone"))
-
-    loop = asyncio.get_running_loop()
-    stream.done.add_done_callback(lambda _f: loop.call_later(ORPHAN_GRACE_S, flush))
+    async def accepted(self, sock: socket.socket, orig: Address, **fields: Any) -> tuple[Leg, TcpStream | None]:
+        """The leg of a connection this listener accepted, and its stream. The stream is None
+        (the socket closed, the leg recorded as an error) when the socket was gone before we got it."""
+        try:
+            peer, local = sock.getpeername(), sock.getsockname()
+        except OSError:
+            peer = local = None
+        leg = self.legs.start(self.listener, peer, addr(orig), local, **fields)
+        try:
+            return leg, await tcp_stream_from_socket(sock)
+        except OSError as e:
+            sock.close()
+            self.legs.record(leg, f"error:{e}")
+            return leg, None

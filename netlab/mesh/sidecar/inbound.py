@@ -14,16 +14,18 @@ certificate; the CONNECT goes to the same per-port inbound chains, so the app ag
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 
 from netlab import istio
-from netlab.mesh.connlog import ConnLog, Leg, addr
+from netlab.mesh.connlog import Leg, addr
+from netlab.mesh.endpoint import Endpoint
 from netlab.mesh.hbone import CertPair, ConnectRequest, HboneServer
+from netlab.mesh.legs import LegRecorder, LegWriter
 from netlab.mesh.registry import Registry, Workload
-from netlab.mesh.relay import Endpoint, RelayResult, relay, tcp_connect
-from netlab.mesh.sidecar.base import RedirectListener, open_redirected, finish_parked_leg, watch_orphan
+from netlab.mesh.relay import tcp_connect
+from netlab.mesh.sidecar.base import RedirectListener
+from netlab.mesh.sockets import Address
 
 log = logging.getLogger(__name__)
 
@@ -33,84 +35,73 @@ INBOUND_CONNECT_TIMEOUT_S = istio.CONNECT_TIMEOUT_S
 PROXY_PORTS = (istio.SIDECAR_OUTBOUND_PORT, istio.SIDECAR_INBOUND_PORT, istio.HBONE_PORT)
 
 
-async def connect_app(dest: tuple[str, int], bind_ip: str = INBOUND_BIND_IP) -> Endpoint:
+async def connect_app(dest: Address, bind_ip: str = INBOUND_BIND_IP) -> Endpoint:
     """Envoy ``inbound|<port>||`` cluster: connect to the app from ``127.0.0.6``."""
     return await tcp_connect(dest, source=(bind_ip, 0), timeout=INBOUND_CONNECT_TIMEOUT_S)
 
 
-class Inbound(RedirectListener):
-    """Plaintext inbound (15006) connections; one ConnLog line each."""
+async def app_upstream(leg: Leg, dest: Address, bind_ip: str) -> Endpoint | str:
+    """The app's end of an inbound leg, or the outcome to record instead: ``blackhole`` (Envoy's
+    virtualInbound drops connections to the proxy's own ports), ``refused`` or ``error:...``."""
+    if dest[1] in PROXY_PORTS:
+        return "blackhole"
+    leg.up_dst = addr(dest)
+    try:
+        up = await connect_app(dest, bind_ip)
+    except (OSError, TimeoutError) as e:
+        log.info("%s: app %s: %s", leg.listener, leg.up_dst, e)
+        return "refused" if isinstance(e, ConnectionRefusedError) else f"error:{e}"
+    return up
 
-    def __init__(self, *, me: Workload, conn_log: ConnLog, component: str,
+
+class Inbound(RedirectListener):
+    """Plaintext inbound (15006) connections; one leg each."""
+
+    def __init__(self, *, me: Workload, conn_log: LegWriter, component: str,
                  listener_port: int = istio.SIDECAR_INBOUND_PORT, bind_ip: str = INBOUND_BIND_IP) -> None:
+        super().__init__(LegRecorder(component, conn_log))
         self.me = me
-        self.conn_log = conn_log
         self.component = component
         self.listener = f"inbound:{listener_port}"
         self.bind_ip = bind_ip
 
-    async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
-        leg, down = await open_redirected(sock, orig, self.component, self.listener, self.conn_log,
-                                          dst_id=self.me.identity)
+    async def serve(self, sock: socket.socket, orig: Address) -> None:
+        leg, down = await self.accepted(sock, orig, dst_id=self.me.identity)
         if down is None:
             return
-        if orig[1] in PROXY_PORTS:  # Envoy's virtualInbound blackholes its own ports
+        up = await app_upstream(leg, orig, self.bind_ip)
+        if isinstance(up, str):
             down.abort()
-            self.conn_log.write(leg.finish("blackhole"))
+            self.legs.record(leg, up)
             return
-        leg.up_dst = addr(orig)
-        try:
-            up = await connect_app(orig, self.bind_ip)
-        except (OSError, asyncio.TimeoutError) as e:
-            down.abort()
-            self.conn_log.write(leg.finish("refused" if isinstance(e, ConnectionRefusedError) else f"error:{e}"))
-            return
-        leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
-        res = await relay(down, up)
-        leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
-        if res.outcome != "ok":
-            leg.extra["reset"] = res.outcome
-        self.conn_log.write(leg.finish("ok" if res.outcome == "ok" else "reset"))
+        await self.legs.relay(leg, down, up)
 
 
 class HboneInbound:
     """``connect_terminate`` on 15008 for a native-HBONE sidecar."""
 
-    def __init__(self, *, reg: Registry, me: Workload, cert: CertPair, ca: str, conn_log: ConnLog, component: str,
-                 listener_port: int = istio.HBONE_PORT, bind_ip: str = INBOUND_BIND_IP) -> None:
+    def __init__(self, *, reg: Registry, me: Workload, cert: CertPair, ca: str, conn_log: LegWriter,
+                 component: str, listener_port: int = istio.HBONE_PORT, bind_ip: str = INBOUND_BIND_IP) -> None:
         self.reg = reg
         self.me = me
         self.cert = cert
-        self.conn_log = conn_log
+        self.legs = LegRecorder(component, conn_log)
         self.component = component
         self.listener = f"inbound:{listener_port}"
         self.bind_ip = bind_ip
-        self._legs: dict[object, Leg] = {}  # keyed by the HboneStream (identity)
         self.server = HboneServer(handler=self.handle, cert_for=self.cert_for, default_cert=cert, ca=ca,
-                                  trust_domain=reg.trust_domain, check_authority=True, on_relay_done=self.done)
+                                  trust_domain=reg.trust_domain, check_authority=True,
+                                  on_relay_done=self.legs.relay_done)
 
     def cert_for(self, local_ip: str) -> CertPair | None:
         return self.cert if local_ip == self.me.ip else None
 
     async def handle(self, req: ConnectRequest) -> Endpoint | int:
         assert req.dest is not None  # HboneServer answers 400 before calling us otherwise
-        leg = Leg(component=self.component, listener=self.listener, src=addr(req.peer_addr),
-                  orig_dst=req.authority, local=addr(req.local_addr), authority=req.authority,
-                  src_id=req.peer_identity or "", dst_id=self.me.identity, up_dst=addr(req.dest))
-        if req.dest[1] in PROXY_PORTS:
-            self.conn_log.write(leg.finish("blackhole"))
+        leg = self.legs.start(self.listener, req.peer_addr, req.authority, req.local_addr, authority=req.authority,
+                              src_id=req.peer_identity or "", dst_id=self.me.identity, up_dst=addr(req.dest))
+        up = await app_upstream(leg, req.dest, self.bind_ip)
+        if isinstance(up, str):
+            self.legs.record(leg, "blackhole" if up == "blackhole" else "503")
             return 503
-        try:
-            up = await connect_app(req.dest, self.bind_ip)
-        except (OSError, asyncio.TimeoutError) as e:
-            self.conn_log.write(leg.finish("503"))
-            log.info("hbone inbound: app %s: %s", leg.up_dst, e)
-            return 503
-        leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
-        if req.stream is not None:
-            self._legs[req.stream] = leg
-            watch_orphan(req, self._legs, self.conn_log)
-        return up
-
-    def done(self, req: ConnectRequest, res: RelayResult) -> None:
-        finish_parked_leg(self._legs, self.conn_log, req, res)
+        return self.legs.park(req, leg, up)

@@ -19,29 +19,28 @@ never needs to bind or spoof a source: the kernel picks the pod IP.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import socket
-import time
 from dataclasses import dataclass
 from typing import Literal
 
 from netlab import istio
-from netlab.mesh.connlog import ConnLog, addr
-from netlab.mesh.hbone import TLS_HANDSHAKE_TIMEOUT_S, HboneError, baggage_header, format_authority, hbone_connect
+from netlab.mesh.connlog import addr
+from netlab.mesh.endpoint import Endpoint
+from netlab.mesh.envoy import connect_originate, failure_outcome
+from netlab.mesh.hbone import HboneError, baggage_header, format_authority
+from netlab.mesh.legs import LegRecorder, LegWriter
 from netlab.mesh.registry import Registry, Workload
-from netlab.mesh.relay import Endpoint, relay, tcp_connect
-from netlab.mesh.sidecar.base import RedirectListener, open_redirected, TrustDomainSans
+from netlab.mesh.relay import tcp_connect
+from netlab.mesh.sidecar.base import RedirectListener, TrustDomainSans
+from netlab.mesh.sockets import Address
 
 log = logging.getLogger(__name__)
 
 RouteKind = Literal["hbone", "tcp", "passthrough", "no_endpoint", "blackhole"]
-# Envoy's outbound cluster default vs connect_originate (§5.2 "connect timeout 2 s")
+# Envoy's outbound cluster default (connect_originate has its own: netlab.mesh.envoy)
 TCP_CONNECT_TIMEOUT_S = istio.CONNECT_TIMEOUT_S
-HBONE_CONNECT_TIMEOUT_S = istio.WAYPOINT_CONNECT_TIMEOUT_S  # the TCP connect to :15008
-# TLS handshake and CONNECT response: the lab's own limit, not Envoy's 2 s (docs/deviations.md)
-HBONE_TLS_TIMEOUT_S = TLS_HANDSHAKE_TIMEOUT_S
 # Ports of the proxy itself: a connection "to" them would loop straight back into us.
 PROXY_PORTS = (istio.SIDECAR_OUTBOUND_PORT, istio.SIDECAR_INBOUND_PORT)
 
@@ -51,7 +50,7 @@ class OutboundRoute:
     """Where one captured connection goes. ``target`` is the TCP address we connect to."""
 
     kind: RouteKind
-    target: tuple[str, int] | None
+    target: Address | None
     endpoint: Workload | None = None
     authority: str = ""  # HBONE :authority (endpoint pod IP:target port)
     via_waypoint: Workload | None = None
@@ -64,7 +63,7 @@ class OutboundRoute:
         return self.endpoint.identity if self.endpoint is not None else ""
 
 
-def route_outbound(reg: Registry, orig: tuple[str, int], *, hbone_port: int = istio.HBONE_PORT,
+def route_outbound(reg: Registry, orig: Address, *, hbone_port: int = istio.HBONE_PORT,
                    rng: random.Random | None = None) -> OutboundRoute:
     """EDS + the §5.2 rewrite as a pure function of the registry and the original destination."""
     ip, port = orig
@@ -84,16 +83,16 @@ def route_outbound(reg: Registry, orig: tuple[str, int], *, hbone_port: int = is
 
 
 class Outbound(RedirectListener):
-    """Handles connections accepted on 15001; one ConnLog line per connection."""
+    """Handles connections accepted on 15001; one leg per connection."""
 
-    def __init__(self, *, reg: Registry, me: Workload, cert: tuple[str, str], ca: str, conn_log: ConnLog,
+    def __init__(self, *, reg: Registry, me: Workload, cert: tuple[str, str], ca: str, conn_log: LegWriter,
                  component: str, baggage: str | None = None, hbone_port: int = istio.HBONE_PORT,
                  listener_port: int = istio.SIDECAR_OUTBOUND_PORT, rng: random.Random | None = None) -> None:
+        super().__init__(LegRecorder(component, conn_log))
         self.reg = reg
         self.me = me
         self.cert = cert
         self.ca = ca
-        self.conn_log = conn_log
         self.component = component
         self.baggage = baggage if baggage is not None else default_baggage(me)
         self.hbone_port = hbone_port
@@ -101,10 +100,9 @@ class Outbound(RedirectListener):
         self.rng = rng
         self.sans = TrustDomainSans(reg.trust_domain)
 
-    async def serve(self, sock: socket.socket, orig: tuple[str, int]) -> None:
+    async def serve(self, sock: socket.socket, orig: Address) -> None:
         """Proxy one downstream connection whose original destination is ``orig``."""
-        leg, down = await open_redirected(sock, orig, self.component, self.listener, self.conn_log,
-                                          src_id=self.me.identity)
+        leg, down = await self.accepted(sock, orig, src_id=self.me.identity)
         if down is None:
             return
         # Envoy's tcp_proxy reads nothing from the downstream until the upstream is connected;
@@ -117,40 +115,25 @@ class Outbound(RedirectListener):
             leg.extra["waypoint"] = route.via_waypoint.ref
         if route.target is None or (orig[1] in PROXY_PORTS and orig[0] == self.me.ip):
             down.abort()  # no healthy upstream / would loop into ourselves: reset, like Envoy
-            self.conn_log.write(leg.finish("no_healthy_upstream" if route.kind == "no_endpoint" else "blackhole"))
+            self.legs.record(leg, "no_healthy_upstream" if route.kind == "no_endpoint" else "blackhole")
             return
         leg.up_dst = addr(route.target)
         up: Endpoint
-        t0 = time.monotonic()
         try:
             if route.kind == "hbone":
                 leg.proto, leg.authority = "hbone", route.authority
-                up = await hbone_connect(
-                    route.target, route.authority, client_cert=self.cert[0], client_key=self.cert[1], ca=self.ca,
-                    expected_identity=self.sans, headers={"baggage": self.baggage},
-                    timeout=HBONE_CONNECT_TIMEOUT_S, tls_timeout=HBONE_TLS_TIMEOUT_S)
-                leg.dst_id = up.peer_identity or ""  # type: ignore[attr-defined]
-                leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
-                leg.extra["hbone_ms"] = round((time.monotonic() - t0) * 1000, 1)  # TCP + TLS + CONNECT
+                up = await connect_originate(leg, route.target, route.authority, cert=self.cert, ca=self.ca,
+                                             expected_identity=self.sans, headers={"baggage": self.baggage})
+                leg.dst_id = up.peer_identity or ""
             else:
                 up = await tcp_connect(route.target, timeout=TCP_CONNECT_TIMEOUT_S)
                 leg.dst_id = route.endpoint.identity if route.endpoint is not None else ""
-                leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
-        except HboneError as e:
+        except (HboneError, OSError, TimeoutError) as e:
             down.abort()
-            leg.extra["hbone_ms"] = round((time.monotonic() - t0) * 1000, 1)
-            self.conn_log.write(leg.finish(str(e.status) if e.status is not None else f"error:{e.reason}"))
-            return
-        except (OSError, asyncio.TimeoutError) as e:
-            down.abort()
-            self.conn_log.write(leg.finish("refused" if isinstance(e, ConnectionRefusedError) else f"error:{e}"))
+            self.legs.record(leg, failure_outcome(e))
             return
         down.resume_reading("connect")
-        res = await relay(down, up)
-        leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
-        if res.outcome != "ok":
-            leg.extra["reset"] = res.outcome
-        self.conn_log.write(leg.finish("ok" if res.outcome == "ok" else "reset"))
+        await self.legs.relay(leg, down, up)
 
 
 def default_baggage(me: Workload, version: str = "latest") -> str:

@@ -21,16 +21,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from dataclasses import dataclass
+from typing import Any
 
 from netlab import istio
-from netlab.mesh.connlog import ConnLog, Leg, addr
-from netlab.mesh.hbone import (TLS_HANDSHAKE_TIMEOUT_S, CertPair, ConnectRequest, HboneError, HboneServer,
-                               format_authority, hbone_connect)
+from netlab.mesh.bootstrap import MeshContext
+from netlab.mesh.connlog import ConnLog, addr
+from netlab.mesh.endpoint import Endpoint
+from netlab.mesh.envoy import connect_originate, failure_outcome
+from netlab.mesh.hbone import CertPair, ConnectRequest, HboneError, HboneServer, format_authority
+from netlab.mesh.legs import LegRecorder, LegWriter
+from netlab.mesh.process import serve_readiness
 from netlab.mesh.registry import Registry, Workload
-from netlab.mesh.relay import Endpoint, RelayResult
-from netlab.mesh.sidecar.base import finish_parked_leg, watch_orphan
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +55,48 @@ class WaypointTarget:
 class Waypoint:
     """One waypoint pod: handler and bookkeeping for its :class:`HboneServer`."""
 
-    def __init__(self, *, reg: Registry, me: Workload, cert: CertPair, ca: str, conn_log: ConnLog,
+    def __init__(self, *, reg: Registry, me: Workload, cert: CertPair, ca: str, conn_log: LegWriter,
                  component: str, scope_sa: str | None = None, hbone_port: int = istio.HBONE_PORT,
                  rng: random.Random | None = None) -> None:
         self.reg = reg
         self.me = me
         self.cert = cert
         self.ca = ca
-        self.conn_log = conn_log
-        self.component = component
+        self.legs = LegRecorder(component, conn_log)
         self.scope_sa = scope_sa
         self.hbone_port = hbone_port
         self.rng = rng or random.Random()
-        self._legs: dict[object, Leg] = {}  # keyed by the HboneStream (identity)
         self.server = HboneServer(handler=self.handle, cert_for=lambda _ip: cert, default_cert=cert, ca=ca,
-                                  trust_domain=reg.trust_domain, check_authority=False, on_relay_done=self.done)
+                                  trust_domain=reg.trust_domain, check_authority=False,
+                                  on_relay_done=self.legs.relay_done)
+        self.ready_fields: dict[str, Any] = {}
+        self._readiness: asyncio.AbstractServer | None = None
+
+    @classmethod
+    def for_pod(cls, ctx: MeshContext, pod: str) -> Waypoint:
+        """The waypoint of pod ``<ns>/<name>`` of a lab, scoped by its Gateway's labels (§7)."""
+        me = ctx.registry.pod(pod)
+        if me is None:
+            raise SystemExit(f"pod {pod!r} is not in the lab registry {ctx.state_dir}")
+        cert, key = ctx.cert_for(me.identity)
+        component = f"{me.name}.{me.namespace}"
+        return cls(reg=ctx.registry, me=me, cert=(str(cert), str(key)), ca=str(ctx.ca_cert),
+                   conn_log=ConnLog(ctx.conn_log_path(component)), component=component,
+                   scope_sa=me.label(istio.LABEL_FOR_SERVICE_ACCOUNT))
+
+    async def start(self, host: str = "0.0.0.0", port: int = istio.HBONE_PORT,
+                    readiness_port: int = istio.READINESS_PORT) -> Waypoint:
+        """Listen for HBONE, then for readiness probes (:attr:`ready_fields` says what is up)."""
+        await self.server.start(host=host, port=port)
+        self._readiness = await serve_readiness(host, readiness_port)
+        self.ready_fields = {"app": "waypoint", "name": self.legs.component, "pod": self.me.ref, "ip": self.me.ip,
+                             "identity": self.me.identity, "scope_sa": self.scope_sa, "ports": [port, readiness_port]}
+        return self
+
+    async def close(self) -> None:
+        if self._readiness is not None:
+            self._readiness.close()
+        await self.server.close()
 
     # ---- routing (pure) -------------------------------------------------------------------------
     def in_scope(self, wl: Workload) -> bool:
@@ -92,41 +121,24 @@ class Waypoint:
             return 401
         return WaypointTarget(wl, port, "pod")
 
-    # ---- HboneServer callbacks ------------------------------------------------------------------
+    # ---- HboneServer callback -------------------------------------------------------------------
     async def handle(self, req: ConnectRequest) -> Endpoint | int:
         assert req.dest is not None
-        leg = Leg(component=self.component, listener=LISTENER, src=addr(req.peer_addr), orig_dst=req.authority,
-                  local=addr(req.local_addr), proto="hbone", src_id=req.peer_identity or "")
+        leg = self.legs.start(LISTENER, req.peer_addr, req.authority, req.local_addr, proto="hbone",
+                              src_id=req.peer_identity or "")
         target = self.route(req.dest)
         if isinstance(target, int):
-            self.conn_log.write(leg.finish(str(target)))
+            self.legs.record(leg, str(target))
             return target
         leg.extra["via"] = target.via
         leg.authority, leg.dst_id = target.authority, target.endpoint.identity
         tunnel = (target.endpoint.ip, self.hbone_port)
         leg.up_dst = addr(tunnel)
-        t0 = time.monotonic()
         try:
-            up = await hbone_connect(
-                tunnel, target.authority, client_cert=self.cert[0], client_key=self.cert[1], ca=self.ca,
-                expected_identity=target.endpoint.identity, source=(self.me.ip, 0),
-                # Envoy's 2 s connect_timeout for the TCP connect; the TLS handshake and the
-                # CONNECT response get the lab's limit (docs/deviations.md)
-                timeout=istio.WAYPOINT_CONNECT_TIMEOUT_S, tls_timeout=TLS_HANDSHAKE_TIMEOUT_S)
-        except HboneError as e:
+            up = await connect_originate(leg, tunnel, target.authority, cert=self.cert, ca=self.ca,
+                                         expected_identity=target.endpoint.identity, source=(self.me.ip, 0))
+        except (HboneError, OSError, TimeoutError) as e:
             # Envoy's tcp_proxy would reset; an HTTP status tells the caller more (lab choice)
-            leg.extra["hbone_ms"] = round((time.monotonic() - t0) * 1000, 1)
-            self.conn_log.write(leg.finish(str(e.status) if e.status is not None else f"error:{e.reason}"))
+            self.legs.record(leg, failure_outcome(e))
             return 503
-        except (OSError, asyncio.TimeoutError) as e:
-            self.conn_log.write(leg.finish(f"error:{e}"))
-            return 503
-        leg.up_src = addr(up.local_addr)
-        leg.extra["hbone_ms"] = round((time.monotonic() - t0) * 1000, 1)  # TCP + TLS + CONNECT
-        if req.stream is not None:
-            self._legs[req.stream] = leg
-            watch_orphan(req, self._legs, self.conn_log)
-        return up
-
-    def done(self, req: ConnectRequest, res: RelayResult) -> None:
-        finish_parked_leg(self._legs, self.conn_log, req, res)
+        return self.legs.park(req, leg, up)

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import signal
-import sys
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from netlab.mesh import sockets
 from netlab.mesh.bootstrap import MeshContext
-from netlab.mesh.connlog import ConnLog
-from netlab.mesh.ztunnel import inbound_passthrough, outbound, readiness
+from netlab.mesh.connlog import ConnLog, Leg
+from netlab.mesh.legs import LegRecorder, LegWriter
+from netlab.mesh.process import serve_readiness
+from netlab.mesh.relay import TcpStream, accepting_tcp_streams
+from netlab.mesh.ztunnel import inbound_passthrough, outbound
 from netlab.mesh.ztunnel.authz import Authorizer, PolicyAuthorizer, for_registry
 from netlab.mesh.ztunnel.config import ZtunnelConfig
 from netlab.mesh.ztunnel.inbound import Inbound
-from netlab.mesh.ztunnel.proxy import ProxyInputs, accept_factory
+from netlab.mesh.ztunnel.proxy import ProxyInputs
 
 log = logging.getLogger("netlab.ztunnel")
 
@@ -28,7 +28,7 @@ class Ztunnel:
     """A running ztunnel; :meth:`close` stops every listener and in-flight connection."""
 
     pi: ProxyInputs
-    servers: list[Any] = field(default_factory=list)
+    servers: list[asyncio.AbstractServer] = field(default_factory=list)
     inbound: Inbound | None = None
 
     @property
@@ -36,6 +36,12 @@ class Ztunnel:
         c = self.pi.cfg
         return {"outbound": c.outbound_port, "inbound_plaintext": c.inbound_plaintext_port,
                 "inbound": c.inbound_port, "readiness": c.readiness_port}
+
+    @property
+    def ready_fields(self) -> dict[str, Any]:
+        c = self.pi.cfg
+        return {"app": "ztunnel", "name": c.component, "node": c.node, "ip": c.own_ip, "ports": self.ports,
+                "transparent": c.transparent}
 
     async def close(self) -> None:
         for s in self.servers:
@@ -46,7 +52,7 @@ class Ztunnel:
             t.cancel()
         if self.pi._tasks:
             await asyncio.gather(*self.pi._tasks, return_exceptions=True)
-        self.pi.connlog.close()
+        self.pi.legs.close()
 
 
 class _PolicyConnLog:
@@ -55,10 +61,10 @@ class _PolicyConnLog:
     The route functions call the authorizer and the listener writes the refused leg in the same
     event-loop step (no await between), so the authorizer's last verdict is this leg's."""
 
-    def __init__(self, inner: ConnLog, authz: PolicyAuthorizer) -> None:
+    def __init__(self, inner: LegWriter, authz: PolicyAuthorizer) -> None:
         self.inner, self.authz = inner, authz
 
-    def write(self, leg: Any) -> None:
+    def write(self, leg: Leg) -> None:
         v = self.authz.last
         if v is not None and not v.allowed and leg.extra.get("reason") == "Denied":
             leg.extra["policy"] = v.policy
@@ -69,44 +75,35 @@ class _PolicyConnLog:
         self.inner.close()
 
 
+def _accepting(pi: ProxyInputs, handler: Callable[[ProxyInputs, TcpStream], Coroutine[Any, Any, None]]
+               ) -> Callable[[], asyncio.Protocol]:
+    """Each accepted connection: a TcpStream, and a task running ``handler`` for it."""
+    return accepting_tcp_streams(lambda down: pi.spawn(handler(pi, down)))
+
+
 async def start(cfg: ZtunnelConfig, ctx: MeshContext, *, authz: Authorizer | None = None,
-                connlog: ConnLog | None = None) -> Ztunnel:
+                connlog: LegWriter | None = None) -> Ztunnel:
     """Bind 15001/15006/15008 (IP_TRANSPARENT, TPROXY targets) and 15021; returns once all listen.
 
     ``authz`` defaults to the registry's policies (AllowAll when the topology has none)."""
     loop = asyncio.get_running_loop()
     authz = authz or for_registry(ctx.registry)
-    log_ = connlog or ConnLog(ctx.conn_log_path(cfg.component))
+    writer: LegWriter = connlog or ConnLog(ctx.conn_log_path(cfg.component))
     if isinstance(authz, PolicyAuthorizer):
-        log_ = _PolicyConnLog(log_, authz)  # type: ignore[assignment]
-    pi = ProxyInputs(cfg=cfg, ctx=ctx, connlog=log_, authz=authz)
+        writer = _PolicyConnLog(writer, authz)
+    pi = ProxyInputs(cfg=cfg, ctx=ctx, legs=LegRecorder(cfg.component, writer), authz=authz)
     zt = Ztunnel(pi)
     try:
         for port, handler in ((cfg.outbound_port, outbound.handle),
                               (cfg.inbound_plaintext_port, inbound_passthrough.handle)):
             lsock = sockets.listener(cfg.bind, port, transparent=cfg.transparent)
             # create_server listens again on a given socket, with its own backlog (100 by default)
-            zt.servers.append(await loop.create_server(accept_factory(pi, handler), sock=lsock,
+            zt.servers.append(await loop.create_server(_accepting(pi, handler), sock=lsock,
                                                        backlog=sockets.LISTEN_BACKLOG))
         zt.inbound = Inbound(pi)
         await zt.inbound.server.start(sockets.listener(cfg.bind, cfg.inbound_port, transparent=cfg.transparent))
-        zt.servers.append(await readiness.start(cfg.bind, cfg.readiness_port))
+        zt.servers.append(await serve_readiness(cfg.bind, cfg.readiness_port))
     except BaseException:
         await zt.close()
         raise
     return zt
-
-
-async def run(cfg: ZtunnelConfig, ctx: MeshContext) -> None:
-    """Serve until SIGTERM/SIGINT. The ready line goes to stdout only after every bind worked."""
-    zt = await start(cfg, ctx)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    sys.stdout.write(json.dumps({"event": "ready", "app": "ztunnel", "name": cfg.component, "node": cfg.node,
-                                 "ip": cfg.own_ip, "pid": os.getpid(), "ports": zt.ports,
-                                 "transparent": cfg.transparent}, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-    await stop.wait()
-    await zt.close()

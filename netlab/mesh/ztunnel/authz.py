@@ -106,7 +106,7 @@ class PolicyAuthorizer:
         self.last: Verdict | None = None
 
     @classmethod
-    def from_registry(cls, reg: Registry) -> "PolicyAuthorizer":
+    def from_registry(cls, reg: Registry) -> PolicyAuthorizer:
         return cls(reg.policies)
 
     def decide(self, conn: Connection) -> Verdict:

@@ -8,26 +8,24 @@ instead, so every refusal (400/401/404) and upstream failure (503) gets its conn
 
 from __future__ import annotations
 
-import asyncio
-import weakref
 from pathlib import Path
 
-from netlab.mesh.connlog import Leg, addr
+from netlab.mesh.connlog import addr
+from netlab.mesh.endpoint import Endpoint
 from netlab.mesh.hbone import ConnectRequest, HboneServer
-from netlab.mesh.relay import Endpoint, RelayResult, tcp_connect
+from netlab.mesh.relay import tcp_connect
 from netlab.mesh.ztunnel.config import LISTENER_INBOUND
-from netlab.mesh.ztunnel.proxy import ProxyInputs, relay_outcome
+from netlab.mesh.ztunnel.proxy import ProxyInputs
 from netlab.mesh.ztunnel.route import Reject, local_workload, plan_inbound
 
 
 class Inbound:
     def __init__(self, pi: ProxyInputs) -> None:
         self.pi = pi
-        self._legs: weakref.WeakKeyDictionary[object, Leg] = weakref.WeakKeyDictionary()
         self._default = pi.own_cert()
         self.server = HboneServer(handler=self.handle, cert_for=self.cert_for, default_cert=self._default,
                                   ca=pi.ca, trust_domain=pi.registry.trust_domain, check_authority=False,
-                                  on_relay_done=self.relay_done)
+                                  on_relay_done=pi.legs.relay_done)
 
     def cert_for(self, local_ip: str) -> tuple[Path, Path]:
         wl = local_workload(self.pi.registry, self.pi.cfg.node, local_ip)
@@ -35,14 +33,13 @@ class Inbound:
 
     async def handle(self, req: ConnectRequest) -> int | Endpoint:
         pi = self.pi
-        leg = pi.new_leg(LISTENER_INBOUND, addr(req.peer_addr), req.authority, addr(req.local_addr))
-        leg.authority = req.authority
-        leg.src_id = req.peer_identity or ""
+        leg = pi.legs.start(LISTENER_INBOUND, req.peer_addr, req.authority, req.local_addr,
+                            authority=req.authority, src_id=req.peer_identity or "")
         d = plan_inbound(pi.registry, pi.cfg.node, req.local_addr[0], req.peer_addr[0], req.peer_identities,
                          req.dest, req.forwarded_for, authz=pi.authz)
         if isinstance(d, Reject):
             leg.extra["reason"] = d.reason
-            pi.write_leg(leg, str(d.status))
+            pi.legs.record(leg, str(d.status))
             return d.status or 400
         leg.dst_id = d.dst.identity
         leg.up_dst = addr(d.target)
@@ -51,20 +48,8 @@ class Inbound:
         source, transparent = pi.spoof(d.source_ip)
         try:
             up = await tcp_connect(d.target, source=source, transparent=transparent, timeout=pi.cfg.connect_timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (OSError, TimeoutError) as e:
             leg.extra["error"] = str(e)[:200]
-            pi.write_leg(leg, "503")
+            pi.legs.record(leg, "503")
             return 503
-        leg.up_src = addr(up.local_addr)
-        if req.stream is not None:
-            self._legs[req.stream] = leg
-        return up
-
-    def relay_done(self, req: ConnectRequest, res: RelayResult) -> None:
-        leg = self._legs.pop(req.stream, None) if req.stream is not None else None
-        if leg is None:
-            return
-        leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
-        outcome, extra = relay_outcome(res.outcome)
-        leg.extra.update(extra)
-        self.pi.write_leg(leg, outcome)
+        return pi.legs.park(req, leg, up)

@@ -10,13 +10,16 @@ import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from netlab.mesh import hbone
 from netlab.mesh.bootstrap import MeshContext, ztunnel_identity
-from netlab.mesh.connlog import ConnLog, Leg, addr
+from netlab.mesh.connlog import addr
+from netlab.mesh.endpoint import Endpoint
+from netlab.mesh.legs import LegRecorder
 from netlab.mesh.registry import Registry, Workload
-from netlab.mesh.relay import WRITE_HIGH, WRITE_LOW, Endpoint, TcpStream, _TcpProtocol, relay, tcp_connect
+from netlab.mesh.relay import TcpStream, tcp_connect
+from netlab.mesh.sockets import Address
 from netlab.mesh.ztunnel.authz import AllowAll, Authorizer
 from netlab.mesh.ztunnel.config import ZtunnelConfig
 from netlab.mesh.ztunnel.route import Reject, Route
@@ -28,7 +31,7 @@ log = logging.getLogger("netlab.ztunnel")
 class ProxyInputs:
     cfg: ZtunnelConfig
     ctx: MeshContext
-    connlog: ConnLog
+    legs: LegRecorder
     authz: Authorizer = field(default_factory=AllowAll)
     rng: random.Random = field(default_factory=random.Random)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -52,16 +55,7 @@ class ProxyInputs:
         t.add_done_callback(self._tasks.discard)
         return t
 
-    def new_leg(self, listener: str, src: str, orig_dst: str, local: str) -> Leg:
-        return Leg(component=self.cfg.component, listener=listener, src=src, orig_dst=orig_dst, local=local)
-
-    def write_leg(self, leg: Leg, outcome: str | None = None) -> None:
-        try:
-            self.connlog.write(leg.finish(outcome))
-        except OSError as e:  # a full disk must not take the datapath down
-            log.warning("connlog: %s", e)
-
-    def spoof(self, source_ip: str | None) -> tuple[tuple[str, int] | None, bool]:
+    def spoof(self, source_ip: str | None) -> tuple[Address | None, bool]:
         """(bind address, transparent) for an upstream socket; no spoofing when disabled."""
         if source_ip is None or not self.cfg.transparent:
             return None, False
@@ -101,38 +95,7 @@ def upstream_failure(e: BaseException) -> str:
     return f"error:{e}"[:200]
 
 
-def relay_outcome(result_outcome: str) -> tuple[str, dict[str, str]]:
-    if result_outcome == "ok":
-        return "ok", {}
-    return "reset", {"reset": result_outcome}
-
-
-class _AcceptedProtocol(_TcpProtocol):
-    """The TcpStream protocol, plus: start the connection's handler once the transport exists."""
-
-    def __init__(self, ep: TcpStream, start: Callable[[TcpStream], object]) -> None:
-        super().__init__(ep)
-        self._start = start
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._start(self.ep)
-
-
-def accept_factory(pi: ProxyInputs, handler: Callable[[ProxyInputs, TcpStream], Coroutine[Any, Any, None]]
-                   ) -> Callable[[], asyncio.Protocol]:
-    """Protocol factory for ``loop.create_server``: each accepted connection becomes a TcpStream
-    (pull mode: it buffers what the client sends while we connect upstream) and a handler task."""
-
-    def factory() -> asyncio.Protocol:
-        ep = TcpStream()
-        ep.protocol = _AcceptedProtocol(ep, lambda e: pi.spawn(handler(pi, e)))
-        return ep.protocol
-
-    return factory
-
-
-Decide = Callable[[str, tuple[str, int]], Union[Route, Reject]]
+Decide = Callable[[str, Address], Route | Reject]
 
 
 async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide: Decide) -> None:
@@ -140,22 +103,20 @@ async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide
 
     A rejected or failed connection is reset (RST), as ztunnel drops the socket on error.
     """
-    assert down._transport is not None  # handlers start from connection_made
-    down._transport.set_write_buffer_limits(high=WRITE_HIGH, low=WRITE_LOW)
     peer, local = down.peer_addr, down.local_addr
     if not peer or not local:  # the client went away between accept and here
         down.abort()
         return
-    leg = pi.new_leg(listener, addr(peer), addr(local), addr(local))
-    d = decide(peer[0], (local[0], local[1]))
+    leg = pi.legs.start(listener, peer, addr(local), local)
+    d = decide(peer[0], local)
     if isinstance(d, Reject):
         down.abort()
         leg.extra["reason"] = d.reason
         if d.reason == "NoHealthyUpstream":  # Envoy's and ztunnel's words for "no endpoint"
             log.warning("no healthy upstream: service %s has no endpoints (client %s)", leg.orig_dst, leg.src)
-            pi.write_leg(leg, "no_healthy_upstream")
+            pi.legs.record(leg, "no_healthy_upstream")
         else:
-            pi.write_leg(leg, "refused")
+            pi.legs.record(leg, "refused")
         return
     leg.proto = "hbone" if d.hbone else "tcp"
     leg.up_dst = addr(d.addr)
@@ -167,12 +128,7 @@ async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide
         up = await open_upstream(pi, d, peer[0])
     except Exception as e:  # noqa: BLE001 - every failure is a reset plus a log line
         down.abort()
-        leg.up_src = addr(getattr(e, "local_addr", None))
-        pi.write_leg(leg, upstream_failure(e))
+        leg.up_src = addr(e.local_addr if isinstance(e, hbone.HboneError) else None)
+        pi.legs.record(leg, upstream_failure(e))
         return
-    leg.up_src = addr(up.local_addr)  # type: ignore[attr-defined]
-    res = await relay(down, up)
-    leg.bytes_up, leg.bytes_down = res.bytes_up, res.bytes_down
-    outcome, extra = relay_outcome(res.outcome)
-    leg.extra.update(extra)
-    pi.write_leg(leg, outcome)
+    await pi.legs.relay(leg, down, up)

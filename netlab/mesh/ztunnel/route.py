@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from netlab.mesh.hbone import format_authority
 from netlab.mesh.registry import Registry, Workload
@@ -52,7 +52,7 @@ class Route:
         return self.kind in ("waypoint", "hbone", "hairpin")
 
 
-Decision = Union[Route, Reject]
+Decision = Route | Reject
 
 
 def _same_ip(a: str, b: str) -> bool:
