@@ -253,7 +253,7 @@ class Lab:
         ``state`` (running, restarting: its supervisor is bringing it back, dead: nobody will)
         and last pid. A supervisor killed (SIGKILL, OOM) takes its processes with it and nothing
         restarts them: this is where that shows, and ``netlab up --repair`` is the remedy."""
-        from netlab.kernel import ns
+        from netlab import netns as ns
         from netlab.runtime.supervisor import status as supervisor_status
 
         try:

@@ -75,7 +75,7 @@ def raise_nofile(want: int = 65536) -> int:
 
 def run_in_netns(netns: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` on a fresh thread that entered ``netns`` (its sockets are made there)."""
-    from netlab.kernel import ns
+    from netlab import netns as ns
 
     box: dict[str, Any] = {}
 

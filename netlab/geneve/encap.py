@@ -58,7 +58,7 @@ from typing import IO, Any
 
 from netlab.geneve import wire
 from netlab.istio import GENEVE_DST_PORT, GENEVE_PROTO_TEB
-from netlab.kernel.ns import assert_socket_in, current_cookie, in_netns, setns
+from netlab.netns import assert_socket_in, current_cookie, in_netns, setns
 
 TUN_DEV = "/dev/net/tun"
 TUNSETIFF = 0x400454CA

@@ -62,7 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from netlab.errors import LabStateError
-from netlab.kernel import ipt, ns, rtnl
+from netlab.kernel import ipt, rtnl
+from netlab import netns as ns
 from netlab.kernel.destroy import destroy, owner_of
 from netlab.kernel.ledger import Ledger
 from netlab.plan.types import (MAIN_TABLE, Address, File, IpSet, IpSetEntry, IptChain, IptRule, Link, Netns,

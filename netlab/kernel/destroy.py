@@ -8,7 +8,7 @@ the ledger directory.
 
 Only what this lab provably made is removed. A netns is deleted only if the namespace now at
 its name has the cookie the ledger recorded for it (apply records it from inside the new
-namespace before the name is taken, see :func:`netlab.kernel.ns.new_netns`); a file or a
+namespace before the name is taken, see :func:`netlab.netns.new_netns`); a file or a
 directory only if its device and inode are the recorded ones. Anything else under a recorded
 name -- a name this lab only intended, taken since by another lab -- is left in place and
 listed in ``Report.kept``. The one unrecorded thing destroy removes is an empty placeholder
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.kernel.ledger import (PLAN, LabBusyError, lab_dir, list_labs, locked_by, pid_alive, proc_starttime,
                                   read_entries, read_lock)
 

@@ -22,7 +22,7 @@ import shlex
 import threading
 from dataclasses import dataclass, field
 
-from netlab.kernel import ns
+from netlab import netns as ns
 
 _LOCK = threading.Lock()
 

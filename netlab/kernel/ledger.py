@@ -183,7 +183,7 @@ class Ledger:
 
     def named(self, netns: Any, cookie: int, objs: Sequence[Any] = ()) -> None:
         """Record ``netns`` with its identity, from inside the new namespace before it takes its
-        name (see :func:`netlab.kernel.ns.new_netns`), and the intents of ``objs`` (the pod's
+        name (see :func:`netlab.netns.new_netns`), and the intents of ``objs`` (the pod's
         devices, addresses...) in the same write: what a pod costs in ledger writes is unchanged."""
         line = _line({"op": "intent", "key": netns.key, "type": "Netns", "obj": netns.__dict__, "cookie": cookie})
         os.write(self._fd, line + b"".join(_intent_line(o) for o in objs))

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from netlab.kernel import ns
+from netlab import netns as ns
 
 # --- netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h) ---
 NLMSG_ERROR, NLMSG_DONE = 2, 3

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from netlab import child_setup
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.runtime import mountview
 
 CLONE_NEWNS = 0x00020000

@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from netlab.kernel.ipt import Spec, parse_spec
-from netlab.kernel.ns import in_netns
+from netlab.netns import in_netns
 from netlab.plan.types import MAIN_TABLE, IptRule, Plan
 
 LOCAL_TABLE = 255

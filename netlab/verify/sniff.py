@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
-from netlab.kernel.ns import assert_socket_in, current_cookie, in_netns
+from netlab.netns import assert_socket_in, current_cookie, in_netns
 
 if TYPE_CHECKING:
     from scapy.packet import Packet

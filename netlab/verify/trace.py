@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Any
 
 from netlab.errors import NetlabError, UsageError
-from netlab.kernel.ns import in_netns
+from netlab.netns import in_netns
 from netlab.mesh.connlog import LegFollower
 from netlab.plan.types import Plan, PodInfo
 from netlab.topology.model import RequestPath

@@ -27,7 +27,7 @@ from scapy.layers.inet import IP, TCP, UDP
 
 from netlab.istio import GENEVE_DST_PORT, INBOUND_TUN, INBOUND_TUN_POD, INBOUND_TUN_VNI, OUTBOUND_TUN, \
     OUTBOUND_TUN_POD, OUTBOUND_TUN_VNI
-from netlab.kernel.ns import in_netns
+from netlab.netns import in_netns
 from netlab.lab import Lab
 from netlab.plan.types import NodeInfo, PodInfo
 from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture, Captured

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from netlab import istio
-from netlab.kernel import ledger, ns, rtnl, sample
+from netlab.kernel import ledger, rtnl, sample
+from netlab import netns as ns
 from netlab.kernel.apply import ApplyError, apply, describe, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
 from netlab.kernel.ipt import IptSpecError, parse_spec

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ledger, ns, sample
+from netlab.kernel import ledger, sample
+from netlab import netns as ns
 from netlab.kernel.apply import ApplyError, apply
 from netlab.plan.types import Netns
 

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.lab import Lab
 from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.ca import LabCA

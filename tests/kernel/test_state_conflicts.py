@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ledger, ns
+from netlab.kernel import ledger
+from netlab import netns as ns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates namespaces)")]
 NETLAB = [sys.executable, "-m", "netlab.cli"]
