@@ -26,7 +26,7 @@ Kernel behaviour that a TAP cannot reproduce (deliberate, documented differences
   ``ztunnel-OUTPUT`` rule marks 0x220 anyway (§1.5), and the ztunnel netns has no mark rules
   for UDP.
 * **MTU.** A kernel geneve device derives its MTU (underlay - 50) at creation; a TAP does not, so
-  the apply stage must set the TAP MTU itself (``wire.GENEVE_IPV4_OVERHEAD``). The ready line
+  the apply stage must set the TAP MTU itself (``istio.GENEVE_IPV4_OVERHEAD``). The ready line
   reports each TAP's MTU. Oversized inner frames are fragmented on the outside as the kernel
   would do without DF; ``skb_tunnel_check_pmtu``'s ICMP "frag needed" is not generated.
 * **Outer netfilter.** Both the kernel tunnel's and this relay's outer packets are locally

@@ -20,8 +20,8 @@ import subprocess
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from netlab.kernel.ipt import Spec, parse_spec
 from netlab.netns import in_netns
+from netlab.plan.iptspec import Spec, parse_spec
 from netlab.plan.types import MAIN_TABLE, IptRule, Plan
 
 LOCAL_TABLE = 255

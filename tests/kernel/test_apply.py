@@ -22,7 +22,7 @@ from netlab.kernel import ledger, rtnl, sample
 from netlab import netns as ns
 from netlab.kernel.apply import ApplyError, apply, describe, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
-from netlab.kernel.ipt import IptSpecError, parse_spec
+from netlab.plan.iptspec import IptSpecError, parse_spec
 from netlab.plan.types import IptRule, Route, Sysctl
 
 kernel = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
