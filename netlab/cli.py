@@ -250,15 +250,25 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
-    from netlab.verify.trace import run_cli
+    from netlab.lab import Lab
+    from netlab.verify.trace import trace
 
-    return run_cli(a)
+    res = trace(Lab.attach(a.lab), a.src, a.dst, a.url, contract=a.contract)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(res.render())
+    return 1 if res.matched is False else 0  # 0 also when there was no contract to check
 
 
 def cmd_capture(a: argparse.Namespace) -> int:
-    from netlab.verify.capture import run_cli
+    from netlab.lab import Lab
+    from netlab.verify.capture import DEFAULT_FILTER, capture
 
-    return run_cli(a)
+    bpf = DEFAULT_FILTER if a.filter is None else (a.filter or None)  # --filter "": everything
+    rc, summary = capture(Lab.attach(a.lab), a.write, ifaces=a.iface or (), hops=a.hops, bpf=bpf, cmd=a.cmd or ())
+    print(summary, file=sys.stderr)
+    return rc
 
 
 def cmd_diagram(a: argparse.Namespace) -> int:
@@ -275,18 +285,22 @@ def cmd_logs(a: argparse.Namespace) -> int:
         legs, skipped = lab.connection_legs_counted(a.component)
         legs = legs[-a.lines:]
         if skipped:
-            print(f"netlab: skipped {skipped} line{'s' if skipped != 1 else ''} of {lab.state_dir / 'conn'} "
+            print(f"netlab: skipped {skipped} line{'s' if skipped != 1 else ''} of {lab.files.conn} "
                   "that are not connection legs", file=sys.stderr)
         if a.json:
-            print(json.dumps(legs, indent=2))
+            print(json.dumps([g.to_dict() for g in legs], indent=2))
             return 0
         for g in legs:
-            ids = f" {g.get('src_id', '')} -> {g.get('dst_id', '')}" if g.get("src_id") or g.get("dst_id") else ""
-            print(f"{g.get('time', '')} {g['component']:<24} {g['listener']:<24} {g['src']:>21} -> {g['orig_dst']:<21} "
-                  f"| {g['proto']:<5} {g.get('up_src', ''):>21} -> {g.get('up_dst', ''):<21} "
-                  f"{g['outcome']:<6} up {g.get('bytes_up', 0)}B down {g.get('bytes_down', 0)}B{ids}")
+            ids = f" {g.src_id} -> {g.dst_id}" if g.src_id or g.dst_id else ""
+            print(f"{g.time} {g.component:<24} {g.listener:<24} {g.src:>21} -> {g.orig_dst:<21} "
+                  f"| {g.proto:<5} {g.up_src:>21} -> {g.up_dst:<21} "
+                  f"{g.outcome:<6} up {g.bytes_up}B down {g.bytes_down}B{ids}")
         return 0
-    lab.logs(a.component, lines=a.lines, follow=a.follow)
+    if a.component is None:
+        print("components: " + (", ".join(lab.components()) or "(none)"))
+        return 0
+    for line in lab.logs(a.component, lines=a.lines, follow=a.follow):
+        print(line, flush=a.follow)
     return 0
 
 

@@ -34,9 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netlab import state
+
 #: Bytes per connection-log file before the writer switches to the other one (see module doc).
 MAX_FILE_BYTES = 2 << 20
-ROTATED_SUFFIX = ".1"
+ROTATED_SUFFIX = state.CONN_ROTATED_SUFFIX
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang root
 
 
@@ -251,7 +253,7 @@ def read_legs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def components(conn_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """component -> its log path (``<component>.jsonl``) in a lab's ``conn/`` directory."""
     d = Path(conn_dir)
-    return {f.name[: -len(".jsonl")]: f for f in sorted(d.glob("*.jsonl"))} if d.is_dir() else {}
+    return {f.name[: -len(state.CONN_SUFFIX)]: f for f in sorted(d.glob(f"*{state.CONN_SUFFIX}"))} if d.is_dir() else {}
 
 
 class LegFollower:

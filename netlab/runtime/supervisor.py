@@ -7,12 +7,11 @@
 
 which double-forks away from the caller, spawns every process of SPEC.json in its netns
 (``netlab.runtime.spawn``), and restarts them when they exit (first restart immediate, then
-exponential backoff). Everything a client needs is in files under DIR, written atomically:
-
-* ``supervisor.json``  {pid, starttime, lab, state}; ``supervisor.log`` the daemon's own log
-* ``procs.json``       name -> {pid, starttime, restarts, state, ...}
-* ``logs/<name>.log``  the process's stdout+stderr (appended across restarts)
-* ``requests/<name>``  restart requests, picked up on SIGUSR1
+exponential backoff). Everything a client needs is in files under DIR (the lab's state
+directory; :mod:`netlab.state` names them), written atomically: the daemon's record {pid,
+starttime, lab, state} and its own log; the processes' records (name -> {pid, starttime,
+restarts, state, ...}); each process's stdout+stderr (appended across restarts); restart
+requests, picked up on SIGUSR1.
 
 The daemon is single-threaded on purpose: ``preexec_fn`` (setns, mounts, privilege drop) is
 only safe to run after fork in a process without other threads. Readiness is the first line
@@ -41,6 +40,7 @@ from netlab.runtime import procfs
 from netlab.runtime.logs import last_lines as _log_tail
 from netlab.runtime.probe import ReadyCheck, is_ready_line
 from netlab.runtime.spawn import ProcSpec, spawn
+from netlab.state import StateDir
 
 BACKOFF = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)  # delay before the Nth consecutive restart
 STREAK_RESET = 10.0  # a process that stayed ready this long starts a fresh backoff streak
@@ -70,7 +70,7 @@ def _read_json(path: Path) -> Any:
 
 
 def log_path(state_dir: str | Path, name: str) -> Path:
-    return Path(state_dir) / "logs" / f"{name}.log"
+    return StateDir(Path(state_dir)).log(name)
 
 
 def last_lines(path: Path, n: int = 15) -> str:
@@ -119,12 +119,12 @@ class Child:
 
 class Supervisor:
     def __init__(self, lab: str, specs: list[ProcSpec], state_dir: Path) -> None:
-        self.lab, self.dir = lab, state_dir
-        (state_dir / "logs").mkdir(exist_ok=True)  # no parents: a vanished state dir must stay gone
-        (state_dir / "requests").mkdir(exist_ok=True)
+        self.lab, self.files = lab, StateDir(state_dir)
+        self.files.logs.mkdir(exist_ok=True)  # no parents: a vanished state dir must stay gone
+        self.files.requests.mkdir(exist_ok=True)
         self.children: dict[str, Child] = {}
         for s in specs:
-            self.children[s.name] = Child(s, tuple(s.caps), log_path(state_dir, s.name))
+            self.children[s.name] = Child(s, tuple(s.caps), self.files.log(s.name))
         self.stopping = False
         self.requests_pending = True
         self.dirty = True
@@ -136,7 +136,7 @@ class Supervisor:
 
     # -- state file ----------------------------------------------------------------------------
     def write_state(self) -> None:
-        _write_json(self.dir / "procs.json", {n: c.record() for n, c in self.children.items()})
+        _write_json(self.files.procs, {n: c.record() for n, c in self.children.items()})
         self.dirty = False
 
     # -- lifecycle of one child ----------------------------------------------------------------
@@ -226,7 +226,7 @@ class Supervisor:
 
     def take_requests(self) -> None:
         self.requests_pending = False
-        for req in sorted((self.dir / "requests").iterdir()):
+        for req in sorted(self.files.requests.iterdir()):
             with contextlib.suppress(FileNotFoundError):
                 req.unlink()
             c = self.children.get(req.name)
@@ -369,7 +369,7 @@ def _daemonize(state_dir: Path) -> int | None:
         os.chdir("/")
         os.umask(0o022)
         devnull = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(state_dir / "supervisor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        out = os.open(StateDir(state_dir).supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(devnull, 0)
         os.dup2(out, 1)
         os.dup2(out, 2)
@@ -393,19 +393,20 @@ _lock_fd: int | None = None
 def _take_lock(state_dir: Path) -> None:
     """One supervisor per state dir: the flock lives as long as the daemon (fd is CLOEXEC)."""
     global _lock_fd
-    fd = os.open(state_dir / "supervisor.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    files = StateDir(state_dir)
+    fd = os.open(files.supervisor_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        info = _read_json(state_dir / "supervisor.json") or {}
+        info = _read_json(files.supervisor) or {}
         raise SupervisorError(f"a supervisor (pid {info.get('pid')}) already runs for {state_dir}") from None
     _lock_fd = fd
 
 
 def _write_pidfile(state_dir: Path, lab: str | None = None) -> None:
     pid = os.getpid()
-    _write_json(state_dir / "supervisor.json",
+    _write_json(StateDir(state_dir).supervisor,
                 {"pid": pid, "starttime": procfs.starttime(pid), "lab": lab or _lab, "state": "running"})
 
 
@@ -452,10 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return sup.run()
     finally:
-        info = _read_json(state_dir / "supervisor.json") or {}
+        info = _read_json(sup.files.supervisor) or {}
         if info.get("pid") == os.getpid():
             info["state"] = "stopped"
-            _write_json(state_dir / "supervisor.json", info)
+            _write_json(sup.files.supervisor, info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,14 +478,15 @@ def start_supervisor(lab: str, processes: Iterable[Any], state_dir: str | Path, 
     """
     sd = Path(state_dir).resolve()
     sd.mkdir(parents=True, exist_ok=True)
-    info = _read_json(sd / "supervisor.json")
+    files = StateDir(sd)
+    info = _read_json(files.supervisor)
     if info and procfs.alive(info.get("pid"), info.get("starttime")):
         raise SupervisorError(f"lab {lab!r}: a supervisor (pid {info['pid']}) already runs for {sd}")
     specs = _spec_dicts(processes)
-    spec_path = sd / "spec.json"
+    spec_path = files.spec
     _write_json(spec_path, specs)
     with contextlib.suppress(FileNotFoundError):
-        (sd / "procs.json").unlink()
+        files.procs.unlink()
     r = subprocess.run([sys.executable, "-m", "netlab.runtime.supervisor", "--lab", lab, "--spec", str(spec_path),
                         "--state-dir", str(sd)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                        cwd="/", close_fds=True, timeout=30)
@@ -503,15 +505,16 @@ def wait_ready(state_dir: str | Path, names: list[str], timeout: float, sup_pid:
                poll: float = 0.02) -> dict[str, Any]:
     """Wait until every named process is ``running``; fail fast on crash loops."""
     sd = Path(state_dir)
+    files = StateDir(sd)
     deadline = _now() + timeout
     procs: dict[str, Any] = {}
     while True:
-        procs = _read_json(sd / "procs.json") or {}
+        procs = _read_json(files.procs) or {}
         if procs and all(procs.get(n, {}).get("state") == "running" for n in names):
             return procs
         if sup_pid and not procfs.alive(sup_pid):
-            raise SupervisorError(f"supervisor (pid {sup_pid}) died; see {sd / 'supervisor.log'}:\n"
-                                  f"{last_lines(sd / 'supervisor.log')}")
+            raise SupervisorError(f"supervisor (pid {sup_pid}) died; see {files.supervisor_log}:\n"
+                                  f"{last_lines(files.supervisor_log)}")
         for n in names:
             e = procs.get(n)
             # Two exits before ever getting ready is a crash loop, not slowness.
@@ -539,8 +542,8 @@ def stop_supervisor(state_dir: str | Path, timeout: float = 5.0) -> bool:
 
     Returns True if a supervisor was running. Safe to call twice or after a crash.
     """
-    sd = Path(state_dir)
-    info = _read_json(sd / "supervisor.json") or {}
+    files = StateDir(Path(state_dir))
+    info = _read_json(files.supervisor) or {}
     pid, st = info.get("pid"), info.get("starttime")
     was_running = procfs.alive(pid, st)
     if was_running:
@@ -548,7 +551,7 @@ def stop_supervisor(state_dir: str | Path, timeout: float = 5.0) -> bool:
         if procfs.wait_gone([(pid, st)], timeout):
             procfs.kill_checked(pid, st, signal.SIGKILL)
             procfs.wait_gone([(pid, st)], 1.0)
-    procs = _read_json(sd / "procs.json") or {}
+    procs = _read_json(files.procs) or {}
     leftovers = [(e["pid"], e.get("starttime")) for e in procs.values() if procfs.alive(e.get("pid"), e.get("starttime"))]
     if leftovers:
         procfs.terminate(leftovers, grace=STOP_GRACE, group=True)
@@ -558,18 +561,19 @@ def stop_supervisor(state_dir: str | Path, timeout: float = 5.0) -> bool:
 def restart(state_dir: str | Path, name: str, timeout: float = 10.0) -> int:
     """Ask the supervisor to restart one process; returns its new PID once it is ready again."""
     sd = Path(state_dir)
-    info = _read_json(sd / "supervisor.json") or {}
+    files = StateDir(sd)
+    info = _read_json(files.supervisor) or {}
     if not procfs.alive(info.get("pid"), info.get("starttime")):
         raise SupervisorError(f"no supervisor running for {sd}")
-    procs = _read_json(sd / "procs.json") or {}
+    procs = _read_json(files.procs) or {}
     if name not in procs:
         raise SupervisorError(f"no process {name!r} (have: {', '.join(sorted(procs))})")
     old_pid, old_req = procs[name].get("pid"), procs[name].get("requested_restarts", 0)
-    (sd / "requests" / name).write_text(f"{time.time()}\n")
+    files.request(name).write_text(f"{time.time()}\n")
     os.kill(info["pid"], signal.SIGUSR1)
     deadline, e = _now() + timeout, procs[name]
     while _now() < deadline:
-        e = (_read_json(sd / "procs.json") or {}).get(name, {})
+        e = (_read_json(files.procs) or {}).get(name, {})
         if e.get("state") == "running" and e.get("pid") != old_pid and e.get("requested_restarts", 0) > old_req:
             return int(e["pid"])
         time.sleep(0.02)
@@ -579,9 +583,10 @@ def restart(state_dir: str | Path, name: str, timeout: float = 10.0) -> int:
 def status(state_dir: str | Path) -> dict[str, Any]:
     """Supervisor and process records, with ``alive`` checked against /proc (PID + starttime)."""
     sd = Path(state_dir)
-    info = _read_json(sd / "supervisor.json") or {}
+    files = StateDir(sd)
+    info = _read_json(files.supervisor) or {}
     sup_alive = procfs.alive(info.get("pid"), info.get("starttime"))
-    procs = _read_json(sd / "procs.json") or {}
+    procs = _read_json(files.procs) or {}
     for e in procs.values():
         e["alive"] = procfs.alive(e.get("pid"), e.get("starttime"))
     return {"lab": info.get("lab"), "state_dir": str(sd),

@@ -20,6 +20,7 @@ import pytest
 from netlab import istio
 from netlab.kernel import ledger, rtnl, sample
 from netlab import netns as ns
+from netlab.state import StateDir
 from netlab.kernel.apply import ApplyError, apply, describe, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
 from netlab.plan.iptspec import IptSpecError, parse_spec
@@ -367,7 +368,7 @@ def test_destroy_stops_recorded_processes_only():
     try:
         ledger.record_process("hk-p", "sleeper", sleeper.pid)
         # a record whose starttime does not match (a reused PID) must never be signalled
-        with open(ledger.lab_dir("hk-p") / ledger.LEDGER, "a") as f:
+        with open(StateDir.of("hk-p").ledger, "a") as f:
             f.write(json.dumps({"op": "process", "name": "stranger", "pid": stranger.pid, "starttime": 1}) + "\n")
         t = time.monotonic()
         rep = destroy("hk-p")

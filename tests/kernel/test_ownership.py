@@ -21,6 +21,7 @@ import pytest
 
 from netlab.kernel import ledger, sample
 from netlab import netns as ns
+from netlab import state
 from netlab.kernel.apply import ApplyError, apply
 from netlab.plan.types import Netns
 
@@ -62,7 +63,7 @@ def test_down_spares_a_namespace_another_lab_made_under_a_name_it_only_intended(
         assert ns.netns_cookie("rt5-x-node-b") == theirs
         assert "rt5-x-node-b" in r.stdout + r.stderr, "down does not say which namespace it left"
         assert [n for n in ns.list_netns() if n.startswith("rt5-x-") and n != "rt5-x-node-b"] == []
-        assert not ledger.lab_dir("rt5-x").exists()
+        assert not state.lab_dir("rt5-x").exists()
         st = json.loads(netlab("status", "rt5", "--json").stdout)
         assert st["lab"] == "rt5"
     finally:
@@ -83,7 +84,7 @@ def test_a_name_the_kernel_refuses_rolls_back_to_nothing(netlab_run_dir: Path) -
     with pytest.raises(ApplyError) as ei:
         apply(dataclasses.replace(base, netns=(*base.netns, long)))
     assert "File name too long" in str(ei.value) and "rollback" not in str(ei.value), str(ei.value)
-    assert not ledger.lab_dir("hz-l").exists()
+    assert not state.lab_dir("hz-l").exists()
     assert [n for n in ns.list_netns() if n.startswith("hz-l-")] == []
 
 
@@ -118,14 +119,14 @@ def test_down_that_cannot_remove_one_file_removes_the_rest_and_other_labs_still_
         subprocess.run(["umount", etc], check=False)
     r = netlab("down", "hz-b")
     assert r.returncode == 0, r.stderr
-    assert not ledger.lab_dir("hz-b").exists() and not Path(etc).exists()
+    assert not state.lab_dir("hz-b").exists() and not Path(etc).exists()
 
 
 @pytest.mark.parametrize("plan_json", ["{", "[1, 2]", '{"lab": 7}'])
 def test_a_garbage_lab_state_does_not_break_other_labs(lab_a: str, plan_json: str) -> None:
     """A state directory whose plan.json is garbage (a torn write, a hand edit): commands without
     --lab pick the lab that is up; naming the broken lab is one line, exit 1; `down` removes it."""
-    d = ledger.lab_dir("hz-g")
+    d = state.lab_dir("hz-g")
     d.mkdir(mode=0o700)
     (d / "plan.json").write_text(plan_json)
     (d / "ledger.jsonl").write_text('{"op": "intent", "type": "Netns"}\n[3]\n"x"\n{"op": "process", "pid": "x"}\n')

@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from netlab import cli
-from netlab.kernel import ledger
+from netlab import state
 from netlab.mesh.bootstrap import MeshContext, prepare
 from netlab.mesh.ca import LabCA, uri_sans
 from netlab.plan.build import build_plan
@@ -112,13 +112,14 @@ def test_names_are_full_match_and_never_empty() -> None:
 
 
 def test_ledger_lab_name_is_the_shared_full_match_rule() -> None:
-    """kernel/ledger.py had its own pattern (anything up to 64 characters, with ``$``)."""
+    """kernel/ledger.py had its own pattern (anything up to 64 characters, with ``$``); the lab's
+    state directory is netlab.state's now."""
     from netlab import names
 
     assert names.LAB_NAME_RE.match("ok") and not names.LAB_NAME_RE.match("ok\n")
     for bad in ("ok\n", "Upper", "a" * 41, "a_b"):
         with pytest.raises(ValueError):
-            ledger.lab_dir(bad)
+            state.lab_dir(bad)
 
 
 # ---- item 10: one identity, one certificate directory ---------------------------------------------

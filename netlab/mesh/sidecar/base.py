@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from netlab import istio
+from netlab import istio, state
 from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.connlog import ConnLog, Leg, addr
 from netlab.mesh.hbone import ConnectRequest
@@ -77,7 +77,7 @@ def pod_labels(state_dir: Path, ref: str) -> dict[str, str]:
     ``istio.io/for-service-account`` scope. Missing/unreadable plan -> no labels (defaults apply).
     """
     try:
-        d = json.loads((state_dir / "plan.json").read_text())
+        d = json.loads((state_dir / state.PLAN).read_text())
     except (OSError, ValueError):
         return {}
     for p in d.get("pods", ()):
