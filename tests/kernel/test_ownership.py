@@ -19,11 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ledger, sample
+from netlab.kernel import ledger
 from netlab import netns as ns
 from netlab import state
 from netlab.kernel.apply import ApplyError, apply
 from netlab.plan.types import Netns
+from tests import sample_plans as sample
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates namespaces)")]
 NETLAB = [sys.executable, "-m", "netlab.cli"]
