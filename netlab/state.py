@@ -18,7 +18,9 @@ records and logs, ``up`` the mesh's registry and CA, the proxies their connectio
   (the lab CA and a leaf per identity; its inside is :mod:`netlab.mesh.ca`'s), ``conn/`` (root's;
   ``<component>.jsonl`` and ``.jsonl.1``, a proxy's connection legs, written by the proxy).
 
-Read back as data here: the lock (:func:`read_lock`) and a connection leg (:class:`ConnLeg`).
+Read back as data here: the lock (:func:`read_lock`), the supervisor's JSON records
+(:func:`read_record`, written atomically by :func:`write_record`) and a connection leg
+(:class:`ConnLeg`).
 ``plan.json`` is a ``Plan`` (its type is the plan layer's, above this one): it is read by
 :func:`netlab.kernel.ledger.read_plan`. The lab name, which is a directory name here, is checked
 with the one rule of :mod:`netlab.names`.
@@ -29,6 +31,7 @@ A shared utility at the bottom of the package: it imports nothing from netlab bu
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,6 +173,22 @@ class StateDir:
         return any((self.path / f).exists() for f in SUPERVISOR_FILES)
 
 
+def write_record(path: Path, obj: Any) -> None:
+    """A JSON record (the supervisor's, its processes', its spec), replaced atomically: written to
+    a temporary name beside it and renamed, so a reader never sees half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> Any:
+    """A JSON record written by :func:`write_record`, or None if there is none."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
 def write_lock_text(pid: int, starttime: int | None) -> str:
     """The ``lock`` file's content: the holder's pid and start time (a pid alone can be reused)."""
     return f"{pid} {starttime}\n"
@@ -227,4 +246,4 @@ _CONN_LEG_FIELDS = tuple(f.name for f in dataclasses.fields(ConnLeg))
 __all__ = ["CA", "CONN", "CONN_ROTATED_SUFFIX", "CONN_SUFFIX", "DEFAULT_RUN_DIR", "LEDGER", "LOCK", "LOGS",
            "LOG_SUFFIX", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
            "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "ConnLeg", "StateDir", "lab_dir",
-           "lab_names", "read_lock", "run_dir", "write_lock_text"]
+           "lab_names", "read_lock", "read_record", "run_dir", "write_lock_text", "write_record"]
