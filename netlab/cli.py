@@ -13,7 +13,8 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from netlab.errors import NetlabError, UsageError
 
@@ -51,9 +52,8 @@ def _progress_printer(quiet: bool) -> Any:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from netlab.lab import Lab
-
     from netlab.child_setup import low_nofile_warning
+    from netlab.lab import Lab
 
     t0 = time.monotonic()
     if a.repair:
@@ -170,7 +170,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from netlab.topology.load import load_topology, resolve
 
     topo = load_topology(a.topology)
-    tunnel = "kernel" if a.tunnel == "kernel" else "userspace"
+    tunnel: Literal["kernel", "userspace"] = "kernel" if a.tunnel == "kernel" else "userspace"
     plan = build_plan(topo, lab=a.name, tunnel=tunnel, source=str(resolve(a.topology)))
     print(plan.to_json() if a.json else render_text(plan))
     return 0
@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netlab {a.command}: needs root (network namespaces, iptables); run with sudo", file=sys.stderr)
         return 1
     try:
-        return a.func(a)
+        func: Callable[[argparse.Namespace], int] = a.func
+        return func(a)
     except NetlabError as e:
         if a.debug:
             raise

@@ -64,7 +64,7 @@ class Lab:
     # ---- lifecycle ----
     @classmethod
     def up(cls, topology: str | os.PathLike[str], *, name: str | None = None, tunnel: str = "auto",
-           progress: Progress | None = None, mesh: bool = True) -> "Lab":
+           progress: Progress | None = None, mesh: bool = True) -> Lab:
         """Create the lab; on any failure, remove what was made and raise. ``mesh=False`` starts no
         proxies (every rule is still installed), for tests that listen where the proxies would."""
         from netlab.kernel import apply as kapply
@@ -103,7 +103,7 @@ class Lab:
         return lab_obj
 
     @classmethod
-    def repair(cls, lab: str, progress: Progress | None = None) -> tuple["Lab", list[str]]:
+    def repair(cls, lab: str, progress: Progress | None = None) -> tuple[Lab, list[str]]:
         """Restart a running lab's processes under a new supervisor, touching no kernel object:
         for a supervisor that died (SIGKILL, OOM) and took its processes with it. Returns the lab
         and what was wrong (empty: nothing was, and nothing was restarted)."""
@@ -228,7 +228,7 @@ class Lab:
         raise UsageError(f"several labs are up ({', '.join(usable)}): say which with --lab" + note)
 
     @classmethod
-    def attach(cls, lab: str | None = None) -> "Lab":
+    def attach(cls, lab: str | None = None) -> Lab:
         return cls(ledger.read_plan(cls.resolve_name(lab)))
 
     # ---- looking inside ----

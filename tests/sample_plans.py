@@ -20,8 +20,23 @@ import ipaddress
 from typing import Any
 
 from netlab.plan import ambient, sidecar
-from netlab.plan.types import (Address, File, IpSet, IpSetEntry, IptChain, IptRule, Link, Netns, NodeInfo, Plan,
-                               PodInfo, Process, Route, Rule, Sysctl)
+from netlab.plan.types import (
+    Address,
+    File,
+    IpSet,
+    IpSetEntry,
+    IptChain,
+    IptRule,
+    Link,
+    Netns,
+    NodeInfo,
+    Plan,
+    PodInfo,
+    Process,
+    Route,
+    Rule,
+    Sysctl,
+)
 
 FABRIC_NET = "172.172.0"
 

@@ -53,6 +53,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -284,7 +285,8 @@ class Encapsulator:
             p.tx += 1
             p.tx_bytes += len(frame)
 
-    def _retry_send(self, err: OSError, h: bytes, frame: bytes, anc: list, dest: tuple[str, int]) -> bool:
+    def _retry_send(self, err: OSError, h: bytes, frame: bytes, anc: list[tuple[int, int, bytes]],
+                    dest: tuple[str, int]) -> bool:
         """Send buffer full (EAGAIN/ENOBUFS): wait briefly once for room, as a NIC queue would.
         Other errors (no route, EMSGSIZE) drop the frame like the kernel's tx_errors."""
         raw = self._raw
@@ -397,7 +399,7 @@ def _attach_tap(dev: str, ctl: socket.socket) -> tuple[int, bytes, int, int]:
         try:
             fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as e:
-            raise OSError(e.errno, f"attach to TAP {dev!r}: {os.strerror(e.errno)}"
+            raise OSError(e.errno, f"attach to TAP {dev!r}: {e.strerror}"
                           + (" (already attached by another process?)" if e.errno == errno.EBUSY else "")) from None
         flags = struct.unpack_from("16sH", fcntl.ioctl(fd, TUNGETIFF, bytes(40)))[1]
         if not flags & IFF_TAP or not flags & IFF_PERSIST:
@@ -438,11 +440,12 @@ def run(netns: str, tunnels: list[Tunnel], *, log: IO[str] | None = None, out: I
     """
     out = out or sys.stdout
     enc = start(netns, tunnels, log=log, port=port)
-    old: dict[int, Any] = {}
+    old: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {signal.SIGTERM: enc.stop, signal.SIGINT: enc.stop, signal.SIGUSR1: enc.request_counters}
+        handlers: dict[signal.Signals, Callable[[], None]] = {signal.SIGTERM: enc.stop, signal.SIGINT: enc.stop,
+                                                              signal.SIGUSR1: enc.request_counters}
         for sig, fn in handlers.items():
-            old[sig] = signal.signal(sig, lambda _s, _f, fn=fn: fn())
+            old[sig] = signal.signal(sig, _calling(fn))
     try:
         out.write(json.dumps({**enc.ready_info(), "netns": netns}) + "\n")
         out.flush()
@@ -453,6 +456,11 @@ def run(netns: str, tunnels: list[Tunnel], *, log: IO[str] | None = None, out: I
         for sig, h in old.items():
             signal.signal(sig, h)
         enc.close()
+
+
+def _calling(fn: Callable[[], None]) -> Callable[[int, Any], None]:
+    """A signal handler that calls ``fn``."""
+    return lambda _signum, _frame: fn()
 
 
 def main(argv: list[str] | None = None) -> int:

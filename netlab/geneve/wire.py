@@ -201,7 +201,7 @@ class SourcePorts:
 
 # ---------------------------------------------------------------- ECN (RFC 6040 as in inet_ecn.h)
 
-def inner_dsfield(frame: bytes | memoryview) -> int | None:
+def inner_dsfield(frame: bytes | bytearray | memoryview) -> int | None:
     """The inner IPv4 TOS / IPv6 traffic class, or None for non-IP frames."""
     if len(frame) < ETH_HLEN + 2:
         return None
@@ -255,7 +255,7 @@ def ipv4_checksum(header: bytes | bytearray | memoryview) -> int:
     data = bytes(header)
     if len(data) % 2:
         data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF

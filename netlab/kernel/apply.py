@@ -154,8 +154,11 @@ class _Applier(PodsPhase, ConfigurePhase):
             self._choose_index(netns, dev)
         # (at least 2: the pods phase runs a maker and the batcher at once, each waiting on the other)
         with ThreadPoolExecutor(max(2, self.workers), thread_name_prefix=f"apply-{self.plan.lab}") as pool:
-            # this thread is idle while the pods are made: it prepares the configure batches
-            self._pods_pipeline(pool, prepare=lambda: [self._prepare_configure(c) for c in lay.configure])
+            def prepare() -> None:  # this thread is idle while the pods are made: it prepares the configure batches
+                for c in lay.configure:
+                    self._prepare_configure(c)
+
+            self._pods_pipeline(pool, prepare=prepare)
             self._phase(pool, "configure", [(self._configure, c, c.work.count()) for c in lay.configure],
                         lay.work_count(), meanwhile=lambda: self._write_plan_when_prepared(len(lay.configure)))
         write_files(self.plan.files, self.ledger, self.progress)

@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from netlab import netns as ns
-from netlab.kernel.ledger import (LabBusyError, list_labs, locked_by, pid_alive, proc_starttime, read_entries,
-                                  read_lock)
+from netlab.kernel.ledger import LabBusyError, list_labs, locked_by, pid_alive, proc_starttime, read_entries, read_lock
 from netlab.state import StateDir
 
 __all__ = ["Report", "destroy", "list_labs", "lab_is_up", "stop_processes"]

@@ -19,6 +19,7 @@ Two python-iptables traps are avoided here:
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from netlab import netns as ns
 from netlab.plan.iptspec import parse_spec
@@ -26,11 +27,11 @@ from netlab.plan.iptspec import parse_spec
 _LOCK = threading.Lock()
 
 
-_rule_cls = None
+_rule_cls: type[Any] | None = None
 
 
-def _private_rule(tables: list) -> "iptc.Rule":  # noqa: F821
-    """An ``iptc.Rule`` whose ``tables`` are ours.
+def _private_rule(tables: list[Any]) -> Any:
+    """An ``iptc.Rule`` whose ``tables`` are ours (python-iptables has no types: its objects are Any).
 
     ``iptc.Rule.tables`` (used to decide whether ``-j NAME`` is a user chain) would otherwise
     instantiate the cached, autocommitting ``iptc.Table`` objects in the current netns.
@@ -39,7 +40,7 @@ def _private_rule(tables: list) -> "iptc.Rule":  # noqa: F821
     if _rule_cls is None:
         import iptc
 
-        class PrivateRule(iptc.Rule):
+        class PrivateRule(iptc.Rule):  # type: ignore[misc]  # (an untyped base class)
             tables = property(lambda self: self._netlab_tables)
 
         _rule_cls = PrivateRule
@@ -48,7 +49,7 @@ def _private_rule(tables: list) -> "iptc.Rule":  # noqa: F821
     return rule
 
 
-def build_rule(spec: str, tables: list):  # -> iptc.Rule
+def build_rule(spec: str, tables: list[Any]) -> Any:  # an iptc.Rule
     """An ``iptc.Rule`` for ``spec``. Call with the lock held, inside the target netns
     (``-m set`` resolves the set name through a socket it opens itself). ``tables``: the
     private Table objects in which a ``-j NAME`` user chain is looked up."""
@@ -76,7 +77,7 @@ def build_rule(spec: str, tables: list):  # -> iptc.Rule
     return rule
 
 
-def jump_rule(chain: str, tables: list):
+def jump_rule(chain: str, tables: list[Any]) -> Any:  # an iptc.Rule
     rule = _private_rule(tables)
     rule.create_target(chain)
     return rule
@@ -118,6 +119,6 @@ class TableTx:
         self.table.close()
 
 
-def locked():
+def locked() -> threading.Lock:
     """The process-wide libiptc/libxtables lock."""
     return _LOCK

@@ -140,7 +140,7 @@ class Ledger:
         self._fd = fd
 
     @classmethod
-    def create(cls, plan: Plan) -> "Ledger":
+    def create(cls, plan: Plan) -> Ledger:
         """Start the ledger of a new lab; LabExistsError if the lab already has one."""
         sd = StateDir.of(plan.lab)
         try:

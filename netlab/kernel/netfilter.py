@@ -31,11 +31,11 @@ def write_ipsets(netns: str, cookie: int, sets: Sequence[IpSet], entries: Sequen
             except Exception as e:
                 raise ObjectError(s, e) from e
         ledger.intent(list(entries))
-        for e in entries:
+        for entry in entries:
             try:
-                ips.add(e.set, e.ip, comment=e.comment)
-            except Exception as ex:
-                raise ObjectError(e, ex) from ex
+                ips.add(entry.set, entry.ip, comment=entry.comment)
+            except Exception as e:
+                raise ObjectError(entry, e) from e
     finally:
         ips.close()
 
@@ -68,7 +68,8 @@ def _table(netns: str, cookie: int, table: str, cs: list[IptChain], rs: list[Ipt
     where = f"in netns {netns}"
     tx = ipt.TableTx(table, cookie, where)
     try:
-        for obj in [*cs, *rs]:
+        objs: list[IptChain | IptRule] = [*cs, *rs]
+        for obj in objs:
             try:
                 if isinstance(obj, IptChain):
                     tx.create_chain(obj.chain)

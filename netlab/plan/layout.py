@@ -25,8 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from netlab.plan.types import (Address, IpSet, IpSetEntry, IptChain, IptRule, Link, Netns, Plan, Route, Rule,
-                               Sysctl)
+from netlab.plan.types import Address, IpSet, IpSetEntry, IptChain, IptRule, Link, Netns, Plan, Route, Rule, Sysctl
 
 
 @dataclass(slots=True)

@@ -433,7 +433,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         types = {
             "nodes": NodeInfo, "pods": PodInfo, "services": ServiceInfo, "netns": Netns, "links": Link,
             "addresses": Address, "routes": Route, "rules": Rule, "sysctls": Sysctl, "ipsets": IpSet,

@@ -121,8 +121,7 @@ class Supervisor:
 
     def on_exit(self, c: Child, rc: int) -> None:
         c.last_exit = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(c.pid, signal.SIGKILL)  # leftovers the app forked
+        _killpg(c.pid, signal.SIGKILL, PermissionError)  # leftovers the app forked
         self.say("exit", name=c.spec.name, pid=c.pid, status=c.last_exit)
         c.proc, c.kill_at = None, None
         if c.check is not None:
@@ -170,8 +169,7 @@ class Supervisor:
             self.start(c)
             return
         c.want_restart, c.state, c.kill_at = True, "restarting", _now() + STOP_GRACE
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(c.pid, signal.SIGTERM)
+        _killpg(c.pid, signal.SIGTERM)
         self.dirty = True
 
     def take_requests(self) -> None:
@@ -241,11 +239,9 @@ class Supervisor:
                     c.last_error = f"not ready within {c.spec.ready_timeout:g}s" + (
                         f" (readiness probe: {c.check.last_error})" if c.check and c.check.last_error else "")
                     self.say("ready-timeout", name=c.spec.name, pid=c.pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(c.pid, signal.SIGKILL)
+                    _killpg(c.pid, signal.SIGKILL)
             elif c.state == "restarting" and c.kill_at is not None and now >= c.kill_at and c.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(c.pid, signal.SIGKILL)
+                _killpg(c.pid, signal.SIGKILL)
                 c.kill_at = None
             elif c.state == "backoff" and now >= c.next_start:
                 self.start(c)
@@ -255,28 +251,32 @@ class Supervisor:
     def shutdown(self) -> None:
         """SIGTERM every child's process group, wait up to 2 s, SIGKILL the rest."""
         self.say("shutdown")
-        live = [c for c in self.children.values() if c.proc is not None]
-        for c in live:
+        live = [(c, c.proc) for c in self.children.values() if c.proc is not None]
+        for c, _ in live:
             c.state = "stopping"
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(c.pid, signal.SIGTERM)
+            _killpg(c.pid, signal.SIGTERM)
         deadline = _now() + STOP_GRACE
-        while _now() < deadline and any(c.proc.poll() is None for c in live):
+        while _now() < deadline and any(proc.poll() is None for _, proc in live):
             time.sleep(0.01)
-        for c in live:
-            if c.proc.poll() is None:
+        for c, proc in live:
+            if proc.poll() is None:
                 self.say("kill", name=c.spec.name, pid=c.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(c.pid, signal.SIGKILL)
-            rc = c.proc.wait()
+                _killpg(c.pid, signal.SIGKILL)
+            rc = proc.wait()
             c.last_exit = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit {rc}"
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(c.pid, signal.SIGKILL)
+            _killpg(c.pid, signal.SIGKILL, PermissionError)
             c.proc = None
         for c in self.children.values():
             c.state = "stopped"
         self.write_state()
         self.say("stopped")
+
+
+def _killpg(pid: int | None, sig: int, *also: type[OSError]) -> None:
+    """Signal the process group of a child (it and what it forked), if it is still there."""
+    if pid:
+        with contextlib.suppress(ProcessLookupError, *also):
+            os.killpg(pid, sig)
 
 
 def load_specs(path: str | Path) -> list[ProcSpec]:

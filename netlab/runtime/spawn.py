@@ -105,7 +105,7 @@ class ProcSpec:
     expose_rw: tuple[str, ...] = ()  # ... and writable
 
     @classmethod
-    def from_any(cls, p: Any) -> "ProcSpec":
+    def from_any(cls, p: Any) -> ProcSpec:
         """Accept a ProcSpec, a plan ``Process`` (any dataclass) or a dict from JSON."""
         if isinstance(p, ProcSpec):
             return p

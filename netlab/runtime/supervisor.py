@@ -263,7 +263,7 @@ def stop_supervisor(state_dir: str | Path, timeout: float = 5.0) -> bool:
     info = read_record(files.supervisor) or {}
     pid, st = info.get("pid"), info.get("starttime")
     was_running = procfs.alive(pid, st)
-    if was_running:
+    if was_running and pid:
         procfs.kill_checked(pid, st, signal.SIGTERM)
         if procfs.wait_gone([(pid, st)], timeout):
             procfs.kill_checked(pid, st, signal.SIGKILL)

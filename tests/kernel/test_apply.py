@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 from netlab import istio
-from netlab.kernel import ledger, rtnl
 from netlab import netns as ns
-from netlab.state import StateDir
+from netlab.kernel import ledger, rtnl
 from netlab.kernel.apply import ApplyError, apply, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
-from netlab.plan.iptspec import IptSpecError, parse_spec
 from netlab.plan.ambient import pod_uid
+from netlab.plan.iptspec import IptSpecError, parse_spec
 from netlab.plan.types import IptRule, Route, Sysctl
+from netlab.state import StateDir
 from tests import sample_plans as sample
 
 kernel = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

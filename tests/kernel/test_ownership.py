@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ledger
 from netlab import netns as ns
 from netlab import state
+from netlab.kernel import ledger
 from netlab.kernel.apply import ApplyError, apply
 from netlab.plan.types import Netns
 from tests import sample_plans as sample
@@ -38,7 +38,7 @@ def netlab(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def topology(tmp_path: Path, lab: str, *nodes: str) -> str:
     """A plain lab: the nodes (made in this order), one pod on the last."""
     f = tmp_path / f"{lab}.yaml"
-    f.write_text(f"name: {lab}\nnodes: [{', '.join('{name: %s}' % n for n in nodes)}]\n"
+    f.write_text(f"name: {lab}\nnodes: [{', '.join(f'{{name: {n}}}' for n in nodes)}]\n"
                  f"namespaces: {{default: {{}}}}\npods: [{{name: p, namespace: default, node: {nodes[-1]}}}]\n")
     return str(f)
 

@@ -109,12 +109,12 @@ class Capture:
             while not self._stop.is_set():
                 try:
                     self.frames.append(s.recv(65535))
-                except socket.timeout:
+                except TimeoutError:
                     continue
         finally:
             s.close()
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         self._t.start()
         assert self._ready.wait(5), "capture did not start"
         return self

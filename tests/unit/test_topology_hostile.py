@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from netlab import cli
-from netlab import state
+from netlab import cli, state
 from netlab.mesh.bootstrap import MeshContext, prepare
 from netlab.mesh.ca import LabCA, uri_sans
 from netlab.plan.build import build_plan
@@ -131,7 +130,7 @@ def test_different_identities_never_share_a_certificate(tmp_path: Path) -> None:
               "spiffe://cluster.local/ns/x_sa/y", "spiffe://cluster.local/ns/x/sa/y%5Fz"]
     certs = [ca.issue(i)[0] for i in idents]
     assert len({c.parent for c in certs}) == len(idents)
-    for ident, cert in zip(idents, certs):
+    for ident, cert in zip(idents, certs, strict=True):
         assert uri_sans(cert) == [ident]
     assert len({ca.leaf_dir(i) for i in idents}) == len(idents)
 
