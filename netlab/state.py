@@ -19,8 +19,8 @@ records and logs, ``up`` the mesh's registry and CA, the proxies their connectio
   ``<component>.jsonl`` and ``.jsonl.1``, a proxy's connection legs, written by the proxy).
 
 Read back as data here: the lock (:func:`read_lock`), the supervisor's JSON records
-(:func:`read_record`, written atomically by :func:`write_record`) and a connection leg
-(:class:`ConnLeg`).
+(:func:`read_record`, written atomically by :func:`write_record`) and a proxy's connection leg
+(:class:`ConnLeg`, the record a proxy writes too).
 ``plan.json`` is a ``Plan`` (its type is the plan layer's, above this one): it is read by
 :func:`netlab.kernel.ledger.read_plan`. The lab name, which is a directory name here, is checked
 with the one rule of :mod:`netlab.names`.
@@ -35,6 +35,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import time as _now
 from typing import Any
 
 from netlab.names import LAB_NAME_RE, check_lab_name
@@ -203,11 +204,16 @@ def read_lock(path: Path) -> tuple[int, int] | None:
         return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class ConnLeg:
-    """One line of a proxy's connection log, read back: what the proxy did with one accepted
-    connection (the writer's side is :class:`netlab.mesh.connlog.Leg`; the readers there check
-    each field's type before a line becomes one of these)."""
+    """One line of a proxy's connection log: what the proxy did with one accepted connection.
+
+    The proxy fills one in while it relays (``finish`` when the connection ends) and
+    :class:`netlab.mesh.connlog.ConnLog` appends it as a JSON line; ``netlab trace`` and ``netlab
+    logs --conn`` read it back (``from_dict``, after the readers in ``netlab.mesh.connlog`` have
+    checked each field's type). The downstream 4-tuple of one leg equals the upstream 4-tuple of
+    the previous proxy's leg: that is how a trace joins them.
+    """
 
     component: str  # e.g. ztunnel-node-a, httpbin.bar-sidecar, waypoint.bar-2
     listener: str  # outbound:15001 | inbound:15006 | hbone:15008 | ...
@@ -223,10 +229,17 @@ class ConnLeg:
     bytes_up: int = 0  # client -> server
     bytes_down: int = 0  # server -> client
     outcome: str = "ok"  # ok | reset | refused | 400 | 401 | 404 | 503 | error:<text>
-    start: float = 0.0  # when the connection was accepted (time.time())
+    start: float = field(default_factory=_now)  # when the connection was accepted
     duration_ms: float = 0.0
-    time: str = ""  # ``start`` as ISO 8601 UTC, for people
+    time: str = ""  # ``start`` as ISO 8601 UTC, for people (the writer fills it in)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. why a policy denied it
+
+    def finish(self, outcome: str | None = None) -> ConnLeg:
+        """The connection ended (``outcome``, when it says more than ``ok``): its duration."""
+        if outcome is not None:
+            self.outcome = outcome
+        self.duration_ms = round((_now() - self.start) * 1000, 3)
+        return self
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConnLeg:
