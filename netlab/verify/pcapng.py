@@ -131,20 +131,13 @@ def seconds_to_ns(ts: float) -> int:
 class _Frame(Protocol):
     """What is written of a captured frame (``netlab.verify.sniff.Captured`` has it)."""
 
-    @property
-    def netns(self) -> str: ...
-
-    @property
-    def iface(self) -> str: ...
-
-    @property
-    def direction(self) -> Direction: ...
+    netns: str
+    iface: str
+    direction: Direction
+    raw: bytes
 
     @property
     def timestamp(self) -> float: ...
-
-    @property
-    def raw(self) -> bytes: ...
 
 
 def write_frames(path: str, frames: Iterable[_Frame], interfaces: Sequence[tuple[str, str]] = (), *,
