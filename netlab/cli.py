@@ -13,7 +13,8 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 from netlab.errors import NetlabError, UsageError
 
@@ -51,9 +52,8 @@ def _progress_printer(quiet: bool) -> Any:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from netlab.lab import Lab
-
     from netlab.child_setup import low_nofile_warning
+    from netlab.lab import Lab
 
     t0 = time.monotonic()
     if a.repair:
@@ -170,7 +170,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
     from netlab.topology.load import load_topology, resolve
 
     topo = load_topology(a.topology)
-    tunnel = "kernel" if a.tunnel == "kernel" else "userspace"
+    tunnel: Literal["kernel", "userspace"] = "kernel" if a.tunnel == "kernel" else "userspace"
     plan = build_plan(topo, lab=a.name, tunnel=tunnel, source=str(resolve(a.topology)))
     print(plan.to_json() if a.json else render_text(plan))
     return 0
@@ -250,15 +250,31 @@ def cmd_stats(a: argparse.Namespace) -> int:
 
 
 def cmd_trace(a: argparse.Namespace) -> int:
-    from netlab.verify.trace import run_cli
+    from netlab.lab import Lab
+    from netlab.verify.trace import trace
 
-    return run_cli(a)
+    lab = Lab.attach(a.lab)
+    res = trace(lab, a.src, a.dst, a.url, contract=a.contract)
+    if a.html:  # the same hops as a page: figure, list, details (netlab.verify.html)
+        from netlab.verify.html import write_trace_html
+
+        write_trace_html(a.html, lab.plan, res.to_dict())
+        print(f"wrote {a.html}: {len(res.hops)} hops", file=sys.stderr)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(res.render())
+    return 1 if res.matched is False else 0  # 0 also when there was no contract to check
 
 
 def cmd_capture(a: argparse.Namespace) -> int:
-    from netlab.verify.capture import run_cli
+    from netlab.lab import Lab
+    from netlab.verify.capture import DEFAULT_FILTER, capture
 
-    return run_cli(a)
+    bpf = DEFAULT_FILTER if a.filter is None else (a.filter or None)  # --filter "": everything
+    rc, summary = capture(Lab.attach(a.lab), a.write, ifaces=a.iface or (), hops=a.hops, bpf=bpf, cmd=a.cmd or ())
+    print(summary, file=sys.stderr)
+    return rc
 
 
 def cmd_diagram(a: argparse.Namespace) -> int:
@@ -281,18 +297,22 @@ def cmd_logs(a: argparse.Namespace) -> int:
         legs, skipped = lab.connection_legs_counted(a.component)
         legs = legs[-a.lines:]
         if skipped:
-            print(f"netlab: skipped {skipped} line{'s' if skipped != 1 else ''} of {lab.state_dir / 'conn'} "
+            print(f"netlab: skipped {skipped} line{'s' if skipped != 1 else ''} of {lab.files.conn} "
                   "that are not connection legs", file=sys.stderr)
         if a.json:
-            print(json.dumps(legs, indent=2))
+            print(json.dumps([g.to_dict() for g in legs], indent=2))
             return 0
         for g in legs:
-            ids = f" {g.get('src_id', '')} -> {g.get('dst_id', '')}" if g.get("src_id") or g.get("dst_id") else ""
-            print(f"{g.get('time', '')} {g['component']:<24} {g['listener']:<24} {g['src']:>21} -> {g['orig_dst']:<21} "
-                  f"| {g['proto']:<5} {g.get('up_src', ''):>21} -> {g.get('up_dst', ''):<21} "
-                  f"{g['outcome']:<6} up {g.get('bytes_up', 0)}B down {g.get('bytes_down', 0)}B{ids}")
+            ids = f" {g.src_id} -> {g.dst_id}" if g.src_id or g.dst_id else ""
+            print(f"{g.time} {g.component:<24} {g.listener:<24} {g.src:>21} -> {g.orig_dst:<21} "
+                  f"| {g.proto:<5} {g.up_src:>21} -> {g.up_dst:<21} "
+                  f"{g.outcome:<6} up {g.bytes_up}B down {g.bytes_down}B{ids}")
         return 0
-    lab.logs(a.component, lines=a.lines, follow=a.follow)
+    if a.component is None:
+        print("components: " + (", ".join(lab.components()) or "(none)"))
+        return 0
+    for line in lab.logs(a.component, lines=a.lines, follow=a.follow):
+        print(line, flush=a.follow)
     return 0
 
 
@@ -507,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netlab {a.command}: needs root (network namespaces, iptables); run with sudo", file=sys.stderr)
         return 1
     try:
-        return a.func(a)
+        func: Callable[[argparse.Namespace], int] = a.func
+        return func(a)
     except NetlabError as e:
         if a.debug:
             raise

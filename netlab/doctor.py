@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from netlab.kernel import ns
+from netlab import netns as ns
 
 
 @dataclass

@@ -40,6 +40,10 @@ ZTUNNEL_OUTBOUND_TUN_IP = "192.168.127.2"  # ztunnel end (pistioout)
 TUN_PREFIX_LEN = 30
 GENEVE_DST_PORT = 6081  # kernel default dstport (RFC 8926)
 GENEVE_PROTO_TEB = 0x6558  # Ethernet payload (ETH_P_TEB)
+# Outer IPv4 (20) + UDP (8) + Geneve (8) + inner Ethernet (14): what a kernel geneve device
+# subtracts from the underlay MTU when it derives its own (GENEVE_IPV4_HLEN + ETH_HLEN); the
+# plan gives a TAP the same MTU (netlab.geneve.wire checks the sum against its header sizes).
+GENEVE_IPV4_OVERHEAD = 50
 
 # --- §1.4 ipset [CNI-OPT] ---
 ZTUNNEL_PODS_IPSET = "ztunnel-pods-ips"

@@ -5,18 +5,18 @@
     lab.exec_capture("sleep", ["curl", "-s", "http://httpbin.bar:8000/get"])
     lab.down()
 
-A lab's truth lives in its state directory (``/run/netlab/<lab>/``): the plan it was built from
-and the ledger of what was actually created. Everything here reads from there, so a lab brought
-up by one process can be inspected or torn down by another, also after a crash.
+A lab's truth lives in its state directory (``/run/netlab/<lab>/``, :mod:`netlab.state`): the
+plan it was built from and the ledger of what was actually created. Everything here reads from
+there, so a lab brought up by one process can be inspected or torn down by another, also after a
+crash.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,16 +25,10 @@ from netlab.errors import KernelFeatureError, LabStateError, NetlabError, UsageE
 from netlab.kernel import ledger
 from netlab.names import BadName, check_lab_name
 from netlab.plan.types import Plan, PodInfo
+from netlab.state import ConnLeg, StateDir
+from netlab.state import lab_dir as state_dir  # the API's name for a lab's state directory
 
 Progress = Callable[[str, int, int], None]
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get("NETLAB_RUN_DIR", "/run/netlab"))
-
-
-def state_dir(lab: str) -> Path:
-    return run_dir() / lab
 
 
 def choose_tunnel(requested: str) -> Literal["kernel", "userspace"]:
@@ -62,10 +56,15 @@ class Lab:
     def state_dir(self) -> Path:
         return state_dir(self.plan.lab)
 
+    @property
+    def files(self) -> StateDir:
+        """The paths of the lab's state directory."""
+        return StateDir(self.state_dir)
+
     # ---- lifecycle ----
     @classmethod
     def up(cls, topology: str | os.PathLike[str], *, name: str | None = None, tunnel: str = "auto",
-           progress: Progress | None = None, mesh: bool = True) -> "Lab":
+           progress: Progress | None = None, mesh: bool = True) -> Lab:
         """Create the lab; on any failure, remove what was made and raise. ``mesh=False`` starts no
         proxies (every rule is still installed), for tests that listen where the proxies would."""
         from netlab.kernel import apply as kapply
@@ -104,7 +103,7 @@ class Lab:
         return lab_obj
 
     @classmethod
-    def repair(cls, lab: str, progress: Progress | None = None) -> tuple["Lab", list[str]]:
+    def repair(cls, lab: str, progress: Progress | None = None) -> tuple[Lab, list[str]]:
         """Restart a running lab's processes under a new supervisor, touching no kernel object:
         for a supervisor that died (SIGKILL, OOM) and took its processes with it. Returns the lab
         and what was wrong (empty: nothing was, and nothing was restarted)."""
@@ -170,7 +169,7 @@ class Lab:
             raise ledger.LabBusyError(f"lab {lab!r} is being brought up or repaired by pid {busy}; wait for it "
                                       f"to finish (or stop it), then run `netlab down {lab}`")
         sd = state_dir(lab)
-        if any((sd / f).exists() for f in ("supervisor.json", "procs.json", "spec.json")):
+        if StateDir(sd).has_supervisor_files():
             from netlab.runtime.supervisor import stop_supervisor
 
             for _ in range(2):
@@ -207,20 +206,6 @@ class Lab:
 
         return sorted(destroy.list_labs())
 
-    @staticmethod
-    def _read_plan(lab: str) -> Plan:
-        """The lab's plan.json, or LabStateError saying why not (never another exception: a
-        broken lab must not break commands about other labs)."""
-        p = state_dir(lab) / "plan.json"
-        try:
-            return Plan.from_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise LabStateError(f"lab {lab!r} has no plan in {p} (being brought up, or a failed `up`? "
-                                f"`netlab down {lab}` removes what it made)") from None
-        except Exception as e:  # noqa: BLE001 - unreadable, garbage, or an older format: all the same here
-            raise LabStateError(f"lab {lab!r}: unreadable state {p} ({type(e).__name__}: {e}); "
-                                f"`netlab down {lab}` removes what it made") from None
-
     @classmethod
     def resolve_name(cls, lab: str | None) -> str:
         labs = cls.running()
@@ -231,7 +216,7 @@ class Lab:
         usable, broken = [], []
         for n in labs:  # only labs whose state reads: a broken one is named, never in the way
             try:
-                cls._read_plan(n)
+                ledger.read_plan(n)
                 usable.append(n)
             except LabStateError:
                 broken.append(n)
@@ -243,8 +228,8 @@ class Lab:
         raise UsageError(f"several labs are up ({', '.join(usable)}): say which with --lab" + note)
 
     @classmethod
-    def attach(cls, lab: str | None = None) -> "Lab":
-        return cls(cls._read_plan(cls.resolve_name(lab)))
+    def attach(cls, lab: str | None = None) -> Lab:
+        return cls(ledger.read_plan(cls.resolve_name(lab)))
 
     # ---- looking inside ----
     def health(self) -> dict[str, Any]:
@@ -253,7 +238,7 @@ class Lab:
         ``state`` (running, restarting: its supervisor is bringing it back, dead: nobody will)
         and last pid. A supervisor killed (SIGKILL, OOM) takes its processes with it and nothing
         restarts them: this is where that shows, and ``netlab up --repair`` is the remedy."""
-        from netlab.kernel import ns
+        from netlab import netns as ns
         from netlab.runtime.supervisor import status as supervisor_status
 
         try:
@@ -371,33 +356,38 @@ class Lab:
                 n["established"] += s.established
         return {"lab": self.name, "processes": stats.as_dicts(procs), "nodes": per_node}
 
-    def connection_legs(self, component: str | None = None) -> list[dict[str, Any]]:
+    def connection_legs(self, component: str | None = None) -> list[ConnLeg]:
         """The proxies' connection legs (one per proxied connection), oldest first."""
         return self.connection_legs_counted(component)[0]
 
-    def connection_legs_counted(self, component: str | None = None) -> tuple[list[dict[str, Any]], int]:
+    def connection_legs_counted(self, component: str | None = None) -> tuple[list[ConnLeg], int]:
         """(legs oldest first, lines skipped because they are no leg) of the proxies' logs."""
-        from netlab.mesh.connlog import components, read_legs_counted
+        from netlab.mesh.connlog import read_legs_counted
 
-        legs: list[dict[str, Any]] = []
+        legs: list[ConnLeg] = []
         skipped = 0
-        for name, path in components(self.state_dir / "conn").items():
+        for name, path in self.files.conn_logs().items():
             if component in (None, name):
                 got, bad = read_legs_counted(path)
-                legs += got
+                legs += map(ConnLeg.from_dict, got)
                 skipped += bad
-        return sorted(legs, key=lambda leg: leg.get("start", 0)), skipped
+        return sorted(legs, key=lambda leg: leg.start), skipped
 
-    def logs(self, component: str | None, lines: int = 50, follow: bool = False) -> None:
+    def components(self) -> list[str]:
+        """The names of the lab's processes (what `netlab logs` takes), sorted."""
+        return sorted(p.name for p in self.plan.processes)
+
+    def logs(self, component: str, lines: int = 50, follow: bool = False) -> Iterator[str]:
+        """The last ``lines`` lines of a process's output; with ``follow``, then every new line
+        as it is written (until the caller stops iterating)."""
         from netlab.runtime import logs
 
-        names = sorted(p.name for p in self.plan.processes)
-        if component is None:
-            print("components: " + (", ".join(names) or "(none)"))
-            return
+        names = self.components()
         if component not in names:
             raise UsageError(f"no component {component!r} in lab {self.name!r} (components: {', '.join(names) or 'none'})")
-        logs.tail(str(self.state_dir), component, lines, follow)
+        if not follow and not self.files.log(component).exists():
+            raise LabStateError(f"{component} of lab {self.name!r} has no log yet ({self.files.log(component)})")
+        return logs.tail(self.state_dir, component, lines, follow)
 
 
 def _supervisors_of(sd: Path) -> list[tuple[int, int]]:
@@ -447,4 +437,4 @@ def _tunnels(link_text: str) -> str:
     return "\n".join(keep) if keep else "(no tunnel devices)"
 
 
-__all__ = ["Lab", "NetlabError", "choose_tunnel", "state_dir", "run_dir"]
+__all__ = ["Lab", "NetlabError", "choose_tunnel", "state_dir"]

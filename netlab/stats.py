@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from netlab.runtime import procfs
+from netlab.state import StateDir
 
 TCP_STATES = {"01": "established", "0A": "listen"}
 
@@ -72,8 +73,8 @@ def _tcp_counts(pid: int, inodes: set[str]) -> tuple[int, int]:
 
 
 def process_stats(state_dir: str | os.PathLike[str], node_of: dict[str, str] | None = None) -> list[ProcStats]:
-    """Figures for every live process the lab's supervisor runs (``procs.json``)."""
-    p = Path(state_dir) / "procs.json"
+    """Figures for every live process the lab's supervisor runs (its process records)."""
+    p = StateDir(Path(state_dir)).procs
     if not p.exists():
         return []
     out = []

@@ -68,14 +68,15 @@ def load_scale(default: tuple[int, int] = DEFAULT_SCALE) -> tuple[int, int]:
 
 def raise_nofile(want: int = 65536) -> int:
     """The client's fd limit, raised with the lab's own helper (``netlab.child_setup``)."""
-    from netlab.child_setup import NOFILE, raise_nofile as _raise
+    from netlab.child_setup import NOFILE
+    from netlab.child_setup import raise_nofile as _raise
 
     return _raise(max(want, NOFILE))
 
 
 def run_in_netns(netns: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` on a fresh thread that entered ``netns`` (its sockets are made there)."""
-    from netlab.kernel import ns
+    from netlab import netns as ns
 
     box: dict[str, Any] = {}
 
@@ -190,7 +191,7 @@ async def one_stream(dst: tuple[str, int], idx: int, size: int, *, salt: int = 0
             try:
                 async with asyncio.timeout(connect_timeout):
                     r, w = await asyncio.open_connection(*dst, limit=1 << 16)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 res.outcome, res.detail = "timeout", "connect"
                 return res
             except OSError as e:
@@ -221,7 +222,7 @@ async def one_stream(dst: tuple[str, int], idx: int, size: int, *, salt: int = 0
                 res.outcome, res.detail = "bad_digest", f"sink digest {res.reply[:16]} != sent {want[:16]}"
             else:
                 res.outcome = "ok"
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         res.outcome, res.detail = "timeout", phase
     except OSError as e:
         res.outcome, res.detail = _classify_oserror(e), f"{phase}: {e!r}"
@@ -364,9 +365,9 @@ def listen_drops(netns_names: Iterable[str]) -> dict[str, int]:
     accept queue was full. Each one costs the client a 1 s (then 2, 4 s) SYN retry."""
     def read() -> int:
         lines = Path("/proc/thread-self/net/netstat").read_text().splitlines()
-        for head, vals in zip(lines[::2], lines[1::2]):
+        for head, vals in zip(lines[::2], lines[1::2], strict=False):
             if head.startswith("TcpExt:"):
-                return int(dict(zip(head.split()[1:], vals.split()[1:]))["ListenDrops"])
+                return int(dict(zip(head.split()[1:], vals.split()[1:], strict=True))["ListenDrops"])
         raise RuntimeError("no TcpExt line in /proc/net/netstat")
 
     return {n: run_in_netns(n, read) for n in netns_names}

@@ -96,7 +96,7 @@ _GET_ONLY = {"index", "get", "headers", "ip", "user_agent", "bytes", "stream_byt
 
 def make_handler(name: str) -> Handler:
     async def handle(req: Request) -> Response:
-        for pat, route in _ROUTES:
+        for pat, route in _ROUTES:  # noqa: B007 - the route found is used after the loop
             m = pat.match(req.path)
             if m:
                 break

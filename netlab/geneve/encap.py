@@ -26,7 +26,7 @@ Kernel behaviour that a TAP cannot reproduce (deliberate, documented differences
   ``ztunnel-OUTPUT`` rule marks 0x220 anyway (§1.5), and the ztunnel netns has no mark rules
   for UDP.
 * **MTU.** A kernel geneve device derives its MTU (underlay - 50) at creation; a TAP does not, so
-  the apply stage must set the TAP MTU itself (``wire.GENEVE_IPV4_OVERHEAD``). The ready line
+  the apply stage must set the TAP MTU itself (``istio.GENEVE_IPV4_OVERHEAD``). The ready line
   reports each TAP's MTU. Oversized inner frames are fragmented on the outside as the kernel
   would do without DF; ``skb_tunnel_check_pmtu``'s ICMP "frag needed" is not generated.
 * **Outer netfilter.** Both the kernel tunnel's and this relay's outer packets are locally
@@ -53,12 +53,13 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
 from netlab.geneve import wire
 from netlab.istio import GENEVE_DST_PORT, GENEVE_PROTO_TEB
-from netlab.kernel.ns import assert_socket_in, current_cookie, in_netns, setns
+from netlab.netns import assert_socket_in, current_cookie, in_netns, setns
 
 TUN_DEV = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
@@ -284,7 +285,8 @@ class Encapsulator:
             p.tx += 1
             p.tx_bytes += len(frame)
 
-    def _retry_send(self, err: OSError, h: bytes, frame: bytes, anc: list, dest: tuple[str, int]) -> bool:
+    def _retry_send(self, err: OSError, h: bytes, frame: bytes, anc: list[tuple[int, int, bytes]],
+                    dest: tuple[str, int]) -> bool:
         """Send buffer full (EAGAIN/ENOBUFS): wait briefly once for room, as a NIC queue would.
         Other errors (no route, EMSGSIZE) drop the frame like the kernel's tx_errors."""
         raw = self._raw
@@ -397,7 +399,7 @@ def _attach_tap(dev: str, ctl: socket.socket) -> tuple[int, bytes, int, int]:
         try:
             fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as e:
-            raise OSError(e.errno, f"attach to TAP {dev!r}: {os.strerror(e.errno)}"
+            raise OSError(e.errno, f"attach to TAP {dev!r}: {e.strerror}"
                           + (" (already attached by another process?)" if e.errno == errno.EBUSY else "")) from None
         flags = struct.unpack_from("16sH", fcntl.ioctl(fd, TUNGETIFF, bytes(40)))[1]
         if not flags & IFF_TAP or not flags & IFF_PERSIST:
@@ -438,11 +440,12 @@ def run(netns: str, tunnels: list[Tunnel], *, log: IO[str] | None = None, out: I
     """
     out = out or sys.stdout
     enc = start(netns, tunnels, log=log, port=port)
-    old: dict[int, Any] = {}
+    old: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {signal.SIGTERM: enc.stop, signal.SIGINT: enc.stop, signal.SIGUSR1: enc.request_counters}
+        handlers: dict[signal.Signals, Callable[[], None]] = {signal.SIGTERM: enc.stop, signal.SIGINT: enc.stop,
+                                                              signal.SIGUSR1: enc.request_counters}
         for sig, fn in handlers.items():
-            old[sig] = signal.signal(sig, lambda _s, _f, fn=fn: fn())
+            old[sig] = signal.signal(sig, _calling(fn))
     try:
         out.write(json.dumps({**enc.ready_info(), "netns": netns}) + "\n")
         out.flush()
@@ -453,6 +456,11 @@ def run(netns: str, tunnels: list[Tunnel], *, log: IO[str] | None = None, out: I
         for sig, h in old.items():
             signal.signal(sig, h)
         enc.close()
+
+
+def _calling(fn: Callable[[], None]) -> Callable[[int, Any], None]:
+    """A signal handler that calls ``fn``."""
+    return lambda _signum, _frame: fn()
 
 
 def main(argv: list[str] | None = None) -> int:

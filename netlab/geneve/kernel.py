@@ -14,7 +14,7 @@ import os
 import threading
 from typing import Any
 
-from netlab.kernel.ns import assert_socket_in, create_netns, current_cookie, delete_netns, in_netns
+from netlab.netns import assert_socket_in, create_netns, current_cookie, delete_netns, in_netns
 
 PROBE_DEV = "gnvprobe"
 PROBE_REMOTE = "192.0.2.1"  # TEST-NET-1; never routed, the device is never up

@@ -44,7 +44,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from netlab.istio import GENEVE_DST_PORT, GENEVE_PROTO_TEB
+from netlab.istio import GENEVE_DST_PORT, GENEVE_IPV4_OVERHEAD, GENEVE_PROTO_TEB
 
 GENEVE_VERSION = 0
 GENEVE_HLEN = 8  # fixed part; options follow, opt_len * 4 bytes
@@ -56,8 +56,8 @@ ETH_P_IPV6 = 0x86DD
 ETH_P_ARP = 0x0806
 ACCEPTED_PROTOS = frozenset({GENEVE_PROTO_TEB, ETH_P_IP, ETH_P_IPV6})  # checked before the lookup
 # Outer + UDP + Geneve + inner Ethernet: what a kernel geneve device subtracts from the
-# underlay MTU when it derives its own (GENEVE_IPV4_HLEN); the TAP MTU must follow the same rule.
-GENEVE_IPV4_OVERHEAD = 20 + UDP_HLEN + GENEVE_HLEN + ETH_HLEN  # 50
+# underlay MTU when it derives its own; the plan (which cannot import this module) has it as a number.
+assert GENEVE_IPV4_OVERHEAD == 20 + UDP_HLEN + GENEVE_HLEN + ETH_HLEN
 
 ECN_MASK = 0x3
 ECN_NOT_ECT, ECN_ECT_1, ECN_ECT_0, ECN_CE = 0, 1, 2, 3
@@ -201,7 +201,7 @@ class SourcePorts:
 
 # ---------------------------------------------------------------- ECN (RFC 6040 as in inet_ecn.h)
 
-def inner_dsfield(frame: bytes | memoryview) -> int | None:
+def inner_dsfield(frame: bytes | bytearray | memoryview) -> int | None:
     """The inner IPv4 TOS / IPv6 traffic class, or None for non-IP frames."""
     if len(frame) < ETH_HLEN + 2:
         return None
@@ -255,7 +255,7 @@ def ipv4_checksum(header: bytes | bytearray | memoryview) -> int:
     data = bytes(header)
     if len(data) % 2:
         data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return ~s & 0xFFFF

@@ -8,7 +8,7 @@ the ledger directory.
 
 Only what this lab provably made is removed. A netns is deleted only if the namespace now at
 its name has the cookie the ledger recorded for it (apply records it from inside the new
-namespace before the name is taken, see :func:`netlab.kernel.ns.new_netns`); a file or a
+namespace before the name is taken, see :func:`netlab.netns.new_netns`); a file or a
 directory only if its device and inode are the recorded ones. Anything else under a recorded
 name -- a name this lab only intended, taken since by another lab -- is left in place and
 listed in ``Report.kept``. The one unrecorded thing destroy removes is an empty placeholder
@@ -18,7 +18,7 @@ Processes are signalled through a pidfd only when their start time is the record
 Idempotent and tolerant: an intent whose object never came to exist (apply killed between
 "intent" and "create"), or whose name the kernel refuses (too long), is skipped. One object
 that cannot be removed never stops the others: its error is listed, the ledger is kept so a
-second destroy can finish the job, and ``plan.json`` goes (the lab is no longer up, so commands
+second destroy can finish the job, and the plan file goes (the lab is no longer up, so commands
 that pick "the lab that is up" ignore it). Netns deletion itself is asynchronous in the kernel:
 the name is gone when this returns, the memory is reclaimed by the kernel's cleanup worker
 shortly after.
@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netlab.kernel import ns
-from netlab.kernel.ledger import (PLAN, LabBusyError, lab_dir, list_labs, locked_by, pid_alive, proc_starttime,
-                                  read_entries, read_lock)
+from netlab import netns as ns
+from netlab.kernel.ledger import LabBusyError, list_labs, locked_by, pid_alive, proc_starttime, read_entries, read_lock
+from netlab.state import StateDir
 
 __all__ = ["Report", "destroy", "list_labs", "lab_is_up", "stop_processes"]
 
@@ -90,7 +90,8 @@ def destroy(lab: str, *, force: bool = False) -> Report:
     applying it, unless ``force``; with ``force`` the ledger goes even if something could not be
     removed."""
     rep = Report(lab)
-    d = lab_dir(lab)
+    sd = StateDir.of(lab)
+    d = sd.path
     if not d.exists():
         rep.existed = False
         return rep
@@ -153,7 +154,7 @@ def destroy(lab: str, *, force: bool = False) -> Report:
 
     if rep.errors and not force:
         with contextlib.suppress(OSError):  # no longer up: keep only what a second destroy needs
-            (d / PLAN).unlink()
+            sd.plan.unlink()
         return rep
     shutil.rmtree(d, ignore_errors=True)
     return rep
@@ -251,7 +252,7 @@ def owner_of(netns: str) -> str | None:
 def lab_is_up(lab: str) -> bool:
     """A finished apply (``done`` in the ledger, no live lock) whose namespaces all exist and
     are still the ones it made."""
-    if not lab_dir(lab).is_dir():
+    if not StateDir.of(lab).path.is_dir():
         return False
     entries = read_entries(lab)
     if not any(e.get("op") == "done" for e in entries):

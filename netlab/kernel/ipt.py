@@ -1,9 +1,9 @@
 """iptables chains and rules through python-iptables (libiptc, the *legacy* backend).
 
 The plan stores each rule exactly as ``iptables-legacy-save`` prints it after ``-A <chain>``;
-:func:`parse_spec` turns that argument string into a neutral structure and :func:`build_rule`
-into an ``iptc.Rule`` (each ``--option`` goes through the extension's own parser, so the
-kernel blob is what ``iptables`` itself would build).
+:func:`netlab.plan.iptspec.parse_spec` turns that argument string into a neutral structure and
+:func:`build_rule` into an ``iptc.Rule`` (each ``--option`` goes through the extension's own
+parser, so the kernel blob is what ``iptables`` itself would build).
 
 Two python-iptables traps are avoided here:
 
@@ -18,110 +18,20 @@ Two python-iptables traps are avoided here:
 
 from __future__ import annotations
 
-import shlex
 import threading
-from dataclasses import dataclass, field
+from typing import Any
 
-from netlab.kernel import ns
+from netlab import netns as ns
+from netlab.plan.iptspec import parse_spec
 
 _LOCK = threading.Lock()
 
 
-class IptSpecError(ValueError):
-    pass
+_rule_cls: type[Any] | None = None
 
 
-@dataclass
-class Opt:
-    name: str  # without leading dashes, e.g. "dport"
-    args: list[str]
-    neg: bool = False
-
-
-@dataclass
-class Ext:
-    name: str
-    opts: list[Opt] = field(default_factory=list)
-
-
-@dataclass
-class Spec:
-    src: str | None = None  # "!" prefix when negated, as python-iptables expects
-    dst: str | None = None
-    in_iface: str | None = None
-    out_iface: str | None = None
-    proto: str | None = None
-    matches: list[Ext] = field(default_factory=list)
-    target: Ext | None = None
-    goto: bool = False
-
-
-_BASIC = {"-s": "src", "--source": "src", "-d": "dst", "--destination": "dst",
-          "-i": "in_iface", "--in-interface": "in_iface", "-o": "out_iface", "--out-interface": "out_iface",
-          "-p": "proto", "--protocol": "proto"}
-
-
-def parse_spec(spec: str) -> Spec:
-    """Parse iptables-save rule arguments (everything after ``-A <chain>``)."""
-    toks = shlex.split(spec)
-    out = Spec()
-    cur: Ext | None = None  # the match or target whose options we are reading
-    neg = False
-    i = 0
-    while i < len(toks):
-        t = toks[i]
-        if t == "!":
-            if neg:
-                raise IptSpecError(f"double '!' in {spec!r}")
-            neg = True
-            i += 1
-            continue
-        if t in _BASIC:
-            if i + 1 >= len(toks):
-                raise IptSpecError(f"{t} needs a value in {spec!r}")
-            setattr(out, _BASIC[t], ("!" if neg else "") + toks[i + 1])
-            neg = False
-            i += 2
-            continue
-        if t in ("-m", "--match"):
-            cur = Ext(toks[i + 1])
-            out.matches.append(cur)
-            i += 2
-            continue
-        if t in ("-j", "--jump", "-g", "--goto"):
-            if out.target is not None:
-                raise IptSpecError(f"two targets in {spec!r}")
-            cur = out.target = Ext(toks[i + 1])
-            out.goto = t in ("-g", "--goto")
-            i += 2
-            continue
-        if t.startswith("--"):
-            if cur is None:
-                # "-p tcp --dport 80": iptables loads the protocol's match implicitly
-                if not out.proto or out.proto.startswith("!"):
-                    raise IptSpecError(f"option {t} without a match in {spec!r}")
-                cur = Ext(out.proto)
-                out.matches.append(cur)
-            j = i + 1
-            while j < len(toks) and toks[j] != "!" and not toks[j].startswith("-"):
-                j += 1
-            cur.opts.append(Opt(t[2:], toks[i + 1:j], neg))
-            neg = False
-            i = j
-            continue
-        raise IptSpecError(f"unexpected {t!r} in {spec!r}")
-    if neg:
-        raise IptSpecError(f"dangling '!' in {spec!r}")
-    if out.target is None:
-        raise IptSpecError(f"no target (-j) in {spec!r}")
-    return out
-
-
-_rule_cls = None
-
-
-def _private_rule(tables: list) -> "iptc.Rule":  # noqa: F821
-    """An ``iptc.Rule`` whose ``tables`` are ours.
+def _private_rule(tables: list[Any]) -> Any:
+    """An ``iptc.Rule`` whose ``tables`` are ours (python-iptables has no types: its objects are Any).
 
     ``iptc.Rule.tables`` (used to decide whether ``-j NAME`` is a user chain) would otherwise
     instantiate the cached, autocommitting ``iptc.Table`` objects in the current netns.
@@ -130,7 +40,7 @@ def _private_rule(tables: list) -> "iptc.Rule":  # noqa: F821
     if _rule_cls is None:
         import iptc
 
-        class PrivateRule(iptc.Rule):
+        class PrivateRule(iptc.Rule):  # type: ignore[misc]  # (an untyped base class)
             tables = property(lambda self: self._netlab_tables)
 
         _rule_cls = PrivateRule
@@ -139,7 +49,7 @@ def _private_rule(tables: list) -> "iptc.Rule":  # noqa: F821
     return rule
 
 
-def build_rule(spec: str, tables: list):  # -> iptc.Rule
+def build_rule(spec: str, tables: list[Any]) -> Any:  # an iptc.Rule
     """An ``iptc.Rule`` for ``spec``. Call with the lock held, inside the target netns
     (``-m set`` resolves the set name through a socket it opens itself). ``tables``: the
     private Table objects in which a ``-j NAME`` user chain is looked up."""
@@ -167,7 +77,7 @@ def build_rule(spec: str, tables: list):  # -> iptc.Rule
     return rule
 
 
-def jump_rule(chain: str, tables: list):
+def jump_rule(chain: str, tables: list[Any]) -> Any:  # an iptc.Rule
     rule = _private_rule(tables)
     rule.create_target(chain)
     return rule
@@ -209,6 +119,6 @@ class TableTx:
         self.table.close()
 
 
-def locked():
+def locked() -> threading.Lock:
     """The process-wide libiptc/libxtables lock."""
     return _LOCK

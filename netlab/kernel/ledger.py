@@ -1,8 +1,8 @@
 """The write-ahead ledger of a lab: what may exist in the kernel because netlab made it.
 
-Layout under ``$NETLAB_RUN_DIR/<lab>/`` (default ``/run/netlab/<lab>/``):
+Three files of the lab's state directory (:mod:`netlab.state` names them):
 
-- ``ledger.jsonl``: append-only JSON lines. An ``intent`` line (object key and type; and
+- the ledger: append-only JSON lines. An ``intent`` line (object key and type; and
   the object's fields for the types destroy reads them from: netns and files) is
   written with ``os.write`` on an ``O_APPEND`` fd *before* the object is created, so a SIGKILL
   between "created" and "recorded" cannot leak anything: destroy works from intents and
@@ -14,8 +14,9 @@ Layout under ``$NETLAB_RUN_DIR/<lab>/`` (default ``/run/netlab/<lab>/``):
   apply created, with its identity; ``process`` records a runtime process with its
   ``/proc/<pid>/stat`` starttime so a reused PID is never killed; ``done`` ends a good apply.
   (``failed``, from older ledgers, marks an intent destroy must not touch.)
-- ``plan.json``: the plan that was applied (for ``status``; destroy never needs it).
-- ``lock``: ``<pid> <starttime>`` of the applying process while apply runs.
+- the plan: the plan that was applied (for ``status`` and every command that attaches to the
+  lab; destroy never needs it), written by :meth:`Ledger.write_plan`, read by :func:`read_plan`.
+- the lock: ``<pid> <starttime>`` of the applying process while apply runs.
 
 /run is a tmpfs, so there is no fsync: the page cache survives the death of the writer, and a
 reboot removes every kernel object along with the ledger.
@@ -30,14 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from netlab import state
 from netlab.errors import LabStateError
 from netlab.plan.types import Plan
-
-DEFAULT_RUN_DIR = "/run/netlab"
-LEDGER = "ledger.jsonl"
-PLAN = "plan.json"
-LOCK = "lock"
-from netlab.names import LAB_NAME_RE as _LAB_RE  # the one lab-name rule (full match, netlab/names.py)
+from netlab.state import StateDir
 
 
 class LabExistsError(FileExistsError):
@@ -46,16 +43,6 @@ class LabExistsError(FileExistsError):
 
 class LabBusyError(LabStateError):
     """Another live process is applying the lab."""
-
-
-def run_dir() -> Path:
-    return Path(os.environ.get("NETLAB_RUN_DIR", DEFAULT_RUN_DIR))
-
-
-def lab_dir(lab: str) -> Path:
-    if not _LAB_RE.match(lab):
-        raise ValueError(f"invalid lab name {lab!r}")
-    return run_dir() / lab
 
 
 def proc_starttime(pid: int) -> int | None:
@@ -140,7 +127,7 @@ def _self_id() -> str:
     global _SELF_ID
     pid = os.getpid()
     if _SELF_ID is None or _SELF_ID[0] != pid:  # (a fork has another pid and starttime)
-        _SELF_ID = (pid, f"{pid} {proc_starttime(pid)}")
+        _SELF_ID = (pid, state.write_lock_text(pid, proc_starttime(pid)))
     return _SELF_ID[1]
 
 
@@ -149,32 +136,33 @@ class Ledger:
 
     def __init__(self, lab: str, fd: int) -> None:
         self.lab = lab
-        self.dir = lab_dir(lab)
+        self.files = StateDir.of(lab)
         self._fd = fd
 
     @classmethod
-    def create(cls, plan: Plan) -> "Ledger":
+    def create(cls, plan: Plan) -> Ledger:
         """Start the ledger of a new lab; LabExistsError if the lab already has one."""
-        d = lab_dir(plan.lab)
+        sd = StateDir.of(plan.lab)
         try:
             try:
-                os.mkdir(d, 0o700)
+                os.mkdir(sd.path, 0o700)
             except FileNotFoundError:  # the first lab: make the run directory too
-                d.parent.mkdir(parents=True, exist_ok=True)
-                os.mkdir(d, 0o700)
+                sd.path.parent.mkdir(parents=True, exist_ok=True)
+                os.mkdir(sd.path, 0o700)
         except FileExistsError:
-            raise LabExistsError(f"lab {plan.lab!r} already has a ledger at {d}; destroy it first") from None
-        _append(d / LOCK, f"{_self_id()}\n".encode())
-        fd = os.open(d / LEDGER, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            raise LabExistsError(f"lab {plan.lab!r} already has a ledger at {sd.path}; destroy it first") from None
+        _append(sd.lock, _self_id().encode())
+        fd = os.open(sd.ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return cls(plan.lab, fd)
 
     def write_plan(self, plan: Plan) -> None:
-        """``plan.json``, what ``Lab.attach`` reads. destroy needs only the ledger, so apply
+        """The plan file, what ``Lab.attach`` reads. destroy needs only the ledger, so apply
         writes this while its configure batches run in the kernel (its encoding holds the GIL);
         written to a temporary name and renamed, so a reader never sees half of it."""
-        tmp = self.dir / (PLAN + ".tmp")
+        dest = self.files.plan
+        tmp = dest.with_name(dest.name + ".tmp")
         tmp.write_text(plan_json(plan))
-        tmp.rename(self.dir / PLAN)
+        tmp.rename(dest)
 
     def intent(self, objs: list[Any]) -> None:
         """Record objects about to be created, in one write (a batch's worth)."""
@@ -183,7 +171,7 @@ class Ledger:
 
     def named(self, netns: Any, cookie: int, objs: Sequence[Any] = ()) -> None:
         """Record ``netns`` with its identity, from inside the new namespace before it takes its
-        name (see :func:`netlab.kernel.ns.new_netns`), and the intents of ``objs`` (the pod's
+        name (see :func:`netlab.netns.new_netns`), and the intents of ``objs`` (the pod's
         devices, addresses...) in the same write: what a pod costs in ledger writes is unchanged."""
         line = _line({"op": "intent", "key": netns.key, "type": "Netns", "obj": netns.__dict__, "cookie": cookie})
         os.write(self._fd, line + b"".join(_intent_line(o) for o in objs))
@@ -214,16 +202,16 @@ def record_process(lab: str, name: str, pid: int) -> None:
     st = proc_starttime(pid)
     if st is None:
         raise ProcessLookupError(f"process {name!r}: no pid {pid}")
-    d = lab_dir(lab)
-    if not d.is_dir():
-        raise FileNotFoundError(f"lab {lab!r} has no ledger at {d}")
-    _append(d / LEDGER, _line({"op": "process", "name": name, "pid": pid, "starttime": st}))
+    sd = StateDir.of(lab)
+    if not sd.path.is_dir():
+        raise FileNotFoundError(f"lab {lab!r} has no ledger at {sd.path}")
+    _append(sd.ledger, _line({"op": "process", "name": name, "pid": pid, "starttime": st}))
 
 
 def read_entries(lab: str) -> list[dict[str, Any]]:
     """Every complete line of the ledger; a torn last line (killed mid-write) is ignored."""
     try:
-        data = (lab_dir(lab) / LEDGER).read_bytes()
+        data = StateDir.of(lab).ledger.read_bytes()
     except FileNotFoundError:
         return []
     out = []
@@ -237,19 +225,22 @@ def read_entries(lab: str) -> list[dict[str, Any]]:
     return out
 
 
-def read_plan(lab: str) -> Plan | None:
+def read_plan(lab: str) -> Plan:
+    """The plan ``lab`` was built from, or LabStateError saying why not (never another
+    exception: a broken lab must not break commands about other labs)."""
+    p = StateDir.of(lab).plan
     try:
-        return Plan.from_dict(json.loads((lab_dir(lab) / PLAN).read_text()))
-    except (FileNotFoundError, ValueError):
-        return None
+        return Plan.from_dict(json.loads(p.read_text()))
+    except FileNotFoundError:
+        raise LabStateError(f"lab {lab!r} has no plan in {p} (being brought up, or a failed `up`? "
+                            f"`netlab down {lab}` removes what it made)") from None
+    except Exception as e:  # noqa: BLE001 - unreadable, garbage, or an older format: all the same here
+        raise LabStateError(f"lab {lab!r}: unreadable state {p} ({type(e).__name__}: {e}); "
+                            f"`netlab down {lab}` removes what it made") from None
 
 
 def read_lock(lab: str) -> tuple[int, int] | None:
-    try:
-        pid, st = (lab_dir(lab) / LOCK).read_text().split()
-        return int(pid), int(st)
-    except (OSError, ValueError):
-        return None
+    return state.read_lock(StateDir.of(lab).lock)
 
 
 def locked_by(lab: str) -> int | None:
@@ -267,21 +258,19 @@ def take_lock(lab: str) -> None:
     busy = locked_by(lab)
     if busy:
         raise LabBusyError(f"lab {lab!r} is being brought up or repaired by pid {busy}")
-    d = lab_dir(lab)
-    tmp = d / f".{LOCK}.{os.getpid()}"
-    tmp.write_text(f"{_self_id()}\n")
-    tmp.rename(d / LOCK)
+    lock = StateDir.of(lab).lock
+    tmp = lock.with_name(f".{lock.name}.{os.getpid()}")
+    tmp.write_text(_self_id())
+    tmp.rename(lock)
 
 
 def release_lock(lab: str) -> None:
     """End this process's hold on ``lab`` (see Ledger.create); another process's lock stays."""
     lock = read_lock(lab)
-    if lock and f"{lock[0]} {lock[1]}" == _self_id():
-        (lab_dir(lab) / LOCK).unlink(missing_ok=True)
+    if lock and state.write_lock_text(*lock) == _self_id():
+        StateDir.of(lab).lock.unlink(missing_ok=True)
 
 
 def list_labs() -> list[str]:
-    d = run_dir()
-    if not d.is_dir():
-        return []
-    return sorted(p.name for p in d.iterdir() if p.is_dir() and _LAB_RE.match(p.name))
+    """Every lab that has a state directory (up, being brought up or down, or left broken)."""
+    return state.lab_names()

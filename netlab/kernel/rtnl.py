@@ -19,10 +19,10 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from netlab.kernel import ns
+from netlab import netns as ns
 
 # --- netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/if_link.h) ---
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -310,7 +310,7 @@ class Rtnl:
         n = self.sock.recv_into(buf)
         return bytes(memoryview(buf)[:n])
 
-    def __enter__(self) -> "Rtnl":
+    def __enter__(self) -> Rtnl:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -409,7 +409,7 @@ class Rtnl:
                     out.append((name, _IFI.unpack_from(payload)[2], state))
 
 
-def _messages(data: bytes):
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes]]:
     off = 0
     while off + _HDR.size <= len(data):
         ln, mtype, mflags, seq, _ = _HDR.unpack_from(data, off)
@@ -419,12 +419,12 @@ def _messages(data: bytes):
         off += _align(ln)
 
 
-def _attrs(payload: bytes, off: int):
+def _attrs(payload: bytes, off: int) -> Iterator[tuple[int, bytes]]:
     while off + 4 <= len(payload):
         ln, kind = struct.unpack_from("=HH", payload, off)
         if ln < 4:
             break
-        yield kind & 0x3FFF, payload[off + 4: off + ln]
+        yield int(kind) & 0x3FFF, payload[off + 4: off + ln]
         off += _align(ln)
 
 

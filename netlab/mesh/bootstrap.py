@@ -16,16 +16,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from netlab import istio
+from netlab import istio, state
 from netlab.mesh import connlog
 from netlab.mesh.ca import CERTS_DIR, LabCA
 from netlab.mesh.registry import Registry, build_registry
 from netlab.names import cert_dir_name
 from netlab.plan.types import Plan, Process
 
-REGISTRY_FILE = "registry.json"
-CA_DIR = "ca"
-CONN_LOG_DIR = "conn"
+REGISTRY_FILE = state.REGISTRY
+CA_DIR = state.CA
+CONN_LOG_DIR = state.CONN
 PROXY_KINDS = ("ztunnel", "sidecar", "waypoint")
 
 
@@ -52,7 +52,7 @@ def prepare(plan: Plan, state_dir: str | os.PathLike[str]) -> Registry:
     conn = _root_dir(sd / CONN_LOG_DIR)  # nobody but root may create or rename anything here
     for proc in plan.processes:
         if proc.kind in PROXY_KINDS:
-            connlog.prepare(conn / f"{proc.name}.jsonl", proc.uid, proc.gid)
+            connlog.prepare(conn / f"{proc.name}{state.CONN_SUFFIX}", proc.uid, proc.gid)
     for d in (sd, sd / CA_DIR, sd / CA_DIR / "certs"):
         os.chmod(d, 0o755)
     return reg
@@ -112,7 +112,7 @@ class MeshContext:
 
     @classmethod
     def for_lab(cls, lab: str) -> MeshContext:
-        from netlab.lab import state_dir
+        from netlab.state import lab_dir as state_dir
 
         return cls.load(state_dir(lab))
 
@@ -129,4 +129,4 @@ class MeshContext:
         return cert, key
 
     def conn_log_path(self, component: str) -> Path:
-        return self.state_dir / CONN_LOG_DIR / f"{component}.jsonl"
+        return state.StateDir(self.state_dir).conn_log(component)

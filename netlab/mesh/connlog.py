@@ -30,41 +30,19 @@ import os
 import stat
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from netlab import state
+
 #: Bytes per connection-log file before the writer switches to the other one (see module doc).
 MAX_FILE_BYTES = 2 << 20
-ROTATED_SUFFIX = ".1"
+ROTATED_SUFFIX = state.CONN_ROTATED_SUFFIX
 _OPEN_FLAGS = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # NONBLOCK: a FIFO must not hang root
 
 
-@dataclass
-class Leg:
-    component: str  # e.g. ztunnel-node-a, httpbin.bar-sidecar, waypoint.bar-2
-    listener: str  # outbound:15001 | inbound:15006 | hbone:15008 | ...
-    src: str  # downstream peer "ip:port"
-    orig_dst: str  # "ip:port" the client meant (VIP or pod), or the CONNECT authority
-    local: str = ""  # downstream local "ip:port" as accepted
-    up_src: str = ""  # upstream "ip:port" we connected from
-    up_dst: str = ""  # upstream "ip:port" we connected to
-    proto: str = "tcp"  # upstream protocol: tcp | hbone
-    authority: str = ""  # HBONE :authority sent or received
-    src_id: str = ""  # SPIFFE identity of the source workload
-    dst_id: str = ""  # SPIFFE identity of the destination (or waypoint)
-    bytes_up: int = 0  # client -> server
-    bytes_down: int = 0  # server -> client
-    outcome: str = "ok"  # ok | reset | refused | 400 | 401 | 404 | 503 | error:<text>
-    start: float = field(default_factory=time.time)
-    duration_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def finish(self, outcome: str | None = None) -> Leg:
-        if outcome is not None:
-            self.outcome = outcome
-        self.duration_ms = round((time.time() - self.start) * 1000, 3)
-        return self
+Leg = state.ConnLeg  # the record: netlab.state owns it (the readers there read it back)
 
 
 def addr(a: Any) -> str:
@@ -251,7 +229,7 @@ def read_legs(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 def components(conn_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """component -> its log path (``<component>.jsonl``) in a lab's ``conn/`` directory."""
     d = Path(conn_dir)
-    return {f.name[: -len(".jsonl")]: f for f in sorted(d.glob("*.jsonl"))} if d.is_dir() else {}
+    return {f.name[: -len(state.CONN_SUFFIX)]: f for f in sorted(d.glob(f"*{state.CONN_SUFFIX}"))} if d.is_dir() else {}
 
 
 class LegFollower:

@@ -113,7 +113,7 @@ class Endpoint(abc.ABC):
     def _t_pause(self) -> None: ...
     @abc.abstractmethod
     def _t_resume(self) -> None: ...
-    def _t_consumed(self, n: int) -> None: pass
+    def _t_consumed(self, n: int) -> None: pass  # noqa: B027 - a hook whose default does nothing
 
     # ---- transport -> endpoint ----------------------------------------------------------------
     def _on_data(self, data: bytes | memoryview) -> None:

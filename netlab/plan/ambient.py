@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from netlab import istio
-from netlab.geneve.wire import GENEVE_IPV4_OVERHEAD
-from netlab.istio import mark
+from netlab.istio import GENEVE_IPV4_OVERHEAD, mark
 from netlab.plan.types import (
     Address,
     IpSet,

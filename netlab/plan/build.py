@@ -174,10 +174,10 @@ class _Builder:
         cidrs = [ipaddress.IPv4Network(n.podCidr) if n.podCidr else ipaddress.IPv4Network(f"10.0.{i % 256}.0/24")
                  for i, n in enumerate(nodes, start=1)]
         addresses.check_disjoint([
-            *((f"nodes[{i}].podCidr" + ("" if n.podCidr else " (default)"), c) for i, (n, c) in enumerate(zip(nodes, cidrs))),
+            *((f"nodes[{i}].podCidr" + ("" if n.podCidr else " (default)"), c) for i, (n, c) in enumerate(zip(nodes, cidrs, strict=True))),
             ("network.fabric", fabric), ("network.serviceCidr", ipaddress.IPv4Network(self.t.network.serviceCidr))])
         self._pool: dict[str, addresses.AddressPool] = {}
-        for i, (n, cidr) in enumerate(zip(nodes, cidrs), start=1):
+        for i, (n, cidr) in enumerate(zip(nodes, cidrs, strict=True), start=1):
             pool = self._pool[n.name] = addresses.AddressPool(cidr)
             host_ip = pool.take()
             ip = fabric.network_address + i + 1

@@ -6,6 +6,9 @@ each value into exactly one kernel object and records it in the ledger under the
 ``key``; destroy undoes it from the ledger alone.
 
 Namespace fields (``netns``) always hold the full name as it appears in ``ip netns list``.
+
+Each object type describes itself (``describe``): one line in the words of ``ip``, ``iptables``
+and ``ipset``, used by ``netlab plan``, by apply's errors and wherever else an object is named.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ Role = Literal["fabric", "node", "pod"]
 PodMode = Literal["ambient", "sidecar", "plain", "ztunnel", "waypoint"]
 
 
+def _in(netns: str, where: bool) -> str:
+    return f" in netns {netns}" if where else ""
+
+
 @dataclass(frozen=True)
 class Netns:
     name: str
@@ -30,6 +37,10 @@ class Netns:
     @property
     def key(self) -> str:
         return f"netns:{self.name}"
+
+    def describe(self, where: bool = True) -> str:
+        """``netns lab-foo-sleep (pod foo/sleep)``; ``where`` is for the objects inside one."""
+        return f"netns {self.name} ({self.role}{'' if self.ref == self.role else ' ' + self.ref})"
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,18 @@ class Link:
     def key(self) -> str:
         return f"link:{self.netns}:{self.name}"
 
+    def describe(self, where: bool = True) -> str:
+        """The device, its kind and what it connects; ``where``: and the netns it is made in."""
+        if self.kind == "veth":
+            s = f"veth {self.name} (peer {self.peer_name} in netns {self.peer_netns})"
+        elif self.vni is not None:
+            s = f"{self.kind} {self.name} id {self.vni} remote {self.remote}"
+            s += " (userspace geneve)" if self.kind == "tap" else ""
+        else:
+            s = f"{self.kind} {self.name}"
+        s += f" master {self.master}" if self.master else ""
+        return s + _in(self.netns, where)
+
 
 @dataclass(frozen=True)
 class Address:
@@ -62,6 +85,9 @@ class Address:
     @property
     def key(self) -> str:
         return f"addr:{self.netns}:{self.dev}:{self.ip}/{self.prefixlen}"
+
+    def describe(self, where: bool = True) -> str:
+        return f"address {self.ip}/{self.prefixlen} on {self.dev}" + _in(self.netns, where)
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,17 @@ class Route:
     def key(self) -> str:
         return f"route:{self.netns}:{self.table}:{self.type}:{self.dst}"
 
+    def describe(self, where: bool = True) -> str:
+        """``route 10.0.2.0/24 via 172.172.0.3``, in ``ip route`` order after the destination."""
+        s = ("local " if self.type == "local" else "") + self.dst
+        s += f" via {self.gateway}" if self.gateway else ""
+        s += f" dev {self.dev}" if self.dev else ""
+        s += f" table {self.table}" if self.table != MAIN_TABLE else ""
+        s += f" scope {self.scope}" if self.scope != "universe" else ""
+        s += f" src {self.src}" if self.src else ""
+        s += " onlink" if self.onlink else ""
+        return f"route {s}" + _in(self.netns, where)
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -96,6 +133,15 @@ class Rule:
     def key(self) -> str:
         return f"rule:{self.netns}:{self.priority}"
 
+    def describe(self, where: bool = True) -> str:
+        """``ip rule 101: fwmark 0x100/0x100 lookup 101``, as ``ip rule`` lists it."""
+        if self.fwmark is not None:
+            sel = f"fwmark {self.fwmark:#x}/{(self.fwmask if self.fwmask is not None else 0xFFFFFFFF):#x}"
+        else:
+            sel = "from all"
+        act = f"goto {self.goto}" if self.goto is not None else f"lookup {self.table}"
+        return f"ip rule {self.priority}: {sel} {act}" + _in(self.netns, where)
+
 
 @dataclass(frozen=True)
 class Sysctl:
@@ -110,6 +156,10 @@ class Sysctl:
     def key(self) -> str:
         return f"sysctl:{self.netns}:{self.key_name}"
 
+    def describe(self, where: bool = True) -> str:
+        return (f"sysctl {self.key_name}={self.value}" + (" (if the kernel has it)" if self.optional else "")
+                + _in(self.netns, where))
+
 
 @dataclass(frozen=True)
 class IptChain:
@@ -123,6 +173,10 @@ class IptChain:
     @property
     def key(self) -> str:
         return f"chain:{self.netns}:{self.table}:{self.chain}"
+
+    def describe(self, where: bool = True) -> str:
+        jump = f" (jump from {self.jump_from})" if self.jump_from else ""
+        return f"iptables -t {self.table} -N {self.chain}{jump}" + _in(self.netns, where)
 
 
 @dataclass(frozen=True)
@@ -145,6 +199,11 @@ class IptRule:
         # not unique on its own: the same text may stand twice in one chain (§1.5 #7 and #11)
         return f"ipt:{self.netns}:{self.table}:{self.chain}:{self.ref}:{self.spec}"
 
+    def describe(self, where: bool = True) -> str:
+        """The rule as ``iptables-save`` prints it, then where it comes from in the reference."""
+        return (f"iptables -t {self.table} -A {self.chain} {self.spec}" + _in(self.netns, where)
+                + (f" ({self.ref})" if self.ref else ""))
+
 
 @dataclass(frozen=True)
 class IpSet:
@@ -156,6 +215,9 @@ class IpSet:
     @property
     def key(self) -> str:
         return f"ipset:{self.netns}:{self.name}"
+
+    def describe(self, where: bool = True) -> str:
+        return f"ipset {self.name} ({self.type})" + _in(self.netns, where)
 
 
 @dataclass(frozen=True)
@@ -169,6 +231,9 @@ class IpSetEntry:
     def key(self) -> str:
         return f"ipset-entry:{self.netns}:{self.set}:{self.ip}"
 
+    def describe(self, where: bool = True) -> str:
+        return f"ipset entry {self.ip} in {self.set}" + _in(self.netns, where)
+
 
 @dataclass(frozen=True)
 class File:
@@ -180,6 +245,10 @@ class File:
     @property
     def key(self) -> str:
         return f"file:{self.path}"
+
+    def describe(self, where: bool = True) -> str:
+        """``file /etc/netns/<netns>/hosts (3 lines)`` (a file is on the host: no netns)."""
+        return f"file {self.path} ({len(self.content.splitlines())} lines)"
 
 
 @dataclass(frozen=True)
@@ -206,6 +275,17 @@ class Process:
     @property
     def key(self) -> str:
         return f"proc:{self.name}"
+
+    def describe(self, where: bool = True) -> str:
+        """``process ztunnel-node-a: python -m netlab.mesh.ztunnel ...`` (user and netns too)."""
+        user = f" as {self.uid}:{self.gid}" if (self.uid or self.gid) else ""
+        argv = ("python -m " if self.run == "module" else "") + " ".join(self.argv)
+        return f"process {self.name}{user}{_in(self.netns, where)}: {argv}"
+
+
+#: Every value a plan is made of (``Plan.objects()``): the kernel objects apply creates, the
+#: files it writes and the processes the runtime starts.
+PlanObject = Netns | Link | Address | Route | Rule | Sysctl | IptChain | IptRule | IpSet | IpSetEntry | File | Process
 
 
 # ---- inventory: what `netlab status` reports, known before anything is applied ----
@@ -321,10 +401,10 @@ class Plan:
     SECTIONS = ("netns", "links", "addresses", "sysctls", "ipsets", "ipset_entries", "ipt_chains",
                 "ipt_rules", "routes", "rules", "files", "processes")
 
-    def objects(self) -> list[Any]:
+    def objects(self) -> list[PlanObject]:
         return [o for s in self.SECTIONS for o in getattr(self, s)]
 
-    def in_netns(self, netns: str) -> list[Any]:
+    def in_netns(self, netns: str) -> list[PlanObject]:
         return [o for o in self.objects() if getattr(o, "netns", None) == netns]
 
     def pod(self, ref: str) -> PodInfo:
@@ -353,7 +433,7 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
         types = {
             "nodes": NodeInfo, "pods": PodInfo, "services": ServiceInfo, "netns": Netns, "links": Link,
             "addresses": Address, "routes": Route, "rules": Rule, "sysctls": Sysctl, "ipsets": IpSet,

@@ -1,8 +1,8 @@
 """Reading component logs for `netlab logs [-f] COMPONENT`.
 
-Components are the supervised process names (``logs/<name>.log``) plus ``supervisor``
-(the daemon's own log). Reading from the end in blocks keeps ``tail -n`` cheap on big logs
-(sink and httpbin write a line per connection/request).
+Components are the supervised process names (each has a log in the state directory's ``logs/``)
+plus ``supervisor`` (the daemon's own log). Reading from the end in blocks keeps ``tail -n``
+cheap on big logs (sink and httpbin write a line per connection/request).
 """
 
 from __future__ import annotations
@@ -12,21 +12,24 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from netlab.state import StateDir
+
+SUPERVISOR = "supervisor"  # the component name of the supervisor daemon's own log
+
 
 def component_path(state_dir: str | Path, component: str) -> Path:
-    sd = Path(state_dir)
-    if component == "supervisor":
-        return sd / "supervisor.log"
+    sd = StateDir(Path(state_dir))
+    if component == SUPERVISOR:
+        return sd.supervisor_log
     if not component or "/" in component or component.startswith("."):
         raise ValueError(f"bad component name {component!r}")
-    return sd / "logs" / f"{component}.log"
+    return sd.log(component)
 
 
 def components(state_dir: str | Path) -> list[str]:
     """Every component that has a log, supervisor first."""
-    sd = Path(state_dir)
-    names = sorted(p.stem for p in (sd / "logs").glob("*.log")) if (sd / "logs").is_dir() else []
-    return (["supervisor"] if (sd / "supervisor.log").exists() else []) + names
+    sd = StateDir(Path(state_dir))
+    return ([SUPERVISOR] if sd.supervisor_log.exists() else []) + sd.log_names()
 
 
 def last_lines(path: str | Path, n: int, block: int = 8192, end: int | None = None) -> list[str]:

@@ -23,6 +23,7 @@ namespace made by ``spawn`` between fork and exec, without changing anything on 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import stat
 import sys
@@ -125,7 +126,7 @@ def plan_view(uid: int, gid: int, *, hide: Iterable[str] = (), expose: Iterable[
                     break
         for r in reach:  # the interpreter: bind in the entry of each blocking directory
             chain = _ancestors(r) + [r]
-            for a, nxt in zip(chain, chain[1:]):
+            for a, nxt in itertools.pairwise(chain):
                 kind = layer(a)
                 if kind == "real" and not allowed(a, uid, gid, os.X_OK):
                     hides.add(a)

@@ -12,7 +12,7 @@ netlab's own programs print a JSON ready line once they listen; a program a topo
 Why non-blocking: the supervisor is one thread serving every process of the lab; a probe must
 never make it wait, so each ``poll`` does at most one connect, one send or one read, and returns.
 The probe's socket is opened inside the pod's netns (the thread hops in and back, see
-``netlab.kernel.ns``) and then lives there.
+``netlab.netns``) and then lives there.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import select
 import socket
 from typing import Any
 
-from netlab.kernel.ns import in_netns
+from netlab.netns import in_netns
 
 ALIVE_GRACE = 0.25  # s a probe-less program must stay up before it counts as ready
 INTERVAL = 0.1  # s between failed attempts

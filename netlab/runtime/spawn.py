@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from netlab import child_setup
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.runtime import mountview
 
 CLONE_NEWNS = 0x00020000
@@ -105,7 +105,7 @@ class ProcSpec:
     expose_rw: tuple[str, ...] = ()  # ... and writable
 
     @classmethod
-    def from_any(cls, p: Any) -> "ProcSpec":
+    def from_any(cls, p: Any) -> ProcSpec:
         """Accept a ProcSpec, a plan ``Process`` (any dataclass) or a dict from JSON."""
         if isinstance(p, ProcSpec):
             return p

@@ -121,7 +121,7 @@ class Pod(_Model):
         return v if v is None else check_subdomain(v, "serviceAccount")
 
     @model_validator(mode="after")
-    def _identity(self) -> "Pod":
+    def _identity(self) -> Pod:
         check_label(self.namespace, "namespace")  # a part of the pod's netns name and identity
         ident = istio.spiffe_id(self.namespace, self.sa)
         try:
@@ -246,7 +246,7 @@ class Hop(_Model):
     what: str = ""
 
     @model_validator(mode="after")
-    def _kind(self) -> "Hop":
+    def _kind(self) -> Hop:
         if self.listener is None and self.iface is None:
             raise ValueError(f"hop ({self.n}) at {self.at}: give an iface (packet hop) or a listener (proxy hop)")
         if self.listener is not None and self.iface is not None:
@@ -368,7 +368,7 @@ class Topology(_Model):
         return v
 
     @model_validator(mode="after")
-    def _refs(self) -> "Topology":
+    def _refs(self) -> Topology:
         _unique([n.name for n in self.nodes], "node")
         nodes = {n.name for n in self.nodes}
         _unique([f"{p.namespace}/{p.name}" for p in self.pods], "pod")
@@ -399,7 +399,7 @@ class Topology(_Model):
         return self
 
     @model_validator(mode="after")
-    def _policies(self) -> "Topology":
+    def _policies(self) -> Topology:
         _unique([f"{p.namespace}/{p.name}" for p in self.policies], "policy")
         for i, p in enumerate(self.policies):
             if p.namespace not in self.namespaces:

@@ -142,7 +142,7 @@ FAST = False
 try:
     from yaml._yaml import CParser
 
-    class _FastLoader(_LimitedComposer, CParser, SafeConstructor, Resolver):  # type: ignore[misc]
+    class _FastLoader(_LimitedComposer, CParser, SafeConstructor, Resolver):
         def __init__(self, stream: str) -> None:
             CParser.__init__(self, stream)
             Composer.__init__(self)

@@ -26,9 +26,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
 
 from netlab.errors import NetlabError, UsageError
+from netlab.plan.types import Plan, PodInfo
+from netlab.verify.labview import LabView
 
 DEFAULT_FILTER = "not arp and not ip6"  # the lab is IPv4-only; ARP/ND only hide the request
 SETTLE = 0.3  # seconds to let frames still in flight (proxy legs, FINs) arrive after CMD exits
@@ -37,7 +38,7 @@ Target = tuple[str, str]
 
 
 # ---- choosing interfaces --------------------------------------------------------------------------
-def parse_iface(lab: Any, spec: str) -> Target:
+def parse_iface(lab: LabView, spec: str) -> Target:
     """``NETNS:IFACE`` -> (full netns name, iface)."""
     where, sep, iface = spec.rpartition(":")
     if not sep or not where or not iface:
@@ -45,7 +46,7 @@ def parse_iface(lab: Any, spec: str) -> Target:
     return lab.netns_of(where), iface
 
 
-def interfaces_of(plan: Any, netns: str) -> list[str]:
+def interfaces_of(plan: Plan, netns: str) -> list[str]:
     """Every interface the plan creates in ``netns`` (both veth ends, taps, bridges), plus ``lo``
     for pod namespaces (a sidecar hands requests to its app over lo)."""
     names = [link.name for link in plan.links if link.netns == netns]
@@ -55,7 +56,7 @@ def interfaces_of(plan: Any, netns: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _pods_behind(plan: Any, host: str) -> list[Any]:
+def _pods_behind(plan: Plan, host: str) -> list[PodInfo]:
     """Endpoint pods of ``host`` (``svc.ns``, a VIP or a pod IP)."""
     name = host.split(":", 1)[0]
     for s in plan.services:
@@ -64,7 +65,7 @@ def _pods_behind(plan: Any, host: str) -> list[Any]:
     return [p for p in plan.pods if p.ip == name]
 
 
-def _resolve_hop(plan: Any, lab: Any, at: str, iface: str) -> Target | None:
+def _resolve_hop(plan: Plan, lab: LabView, at: str, iface: str) -> Target | None:
     """A contract hop (``at`` + ``iface``) to a capture target; None when it names no device
     (e.g. a proxy listener without an interface)."""
     kind, _, ref = at.partition(":")
@@ -92,7 +93,7 @@ def _resolve_hop(plan: Any, lab: Any, at: str, iface: str) -> Target | None:
     return None
 
 
-def hop_targets(lab: Any, path_name: str) -> list[Target]:
+def hop_targets(lab: LabView, path_name: str) -> list[Target]:
     """Interfaces of the hop contract of one path (``""``: all paths of the lab's topology)."""
     plan = lab.plan
     paths = [p for p in plan.paths if not path_name or p.name == path_name]
@@ -205,21 +206,20 @@ def summary(path: str, counts: dict[Target, int], drops: int) -> str:
     return f"wrote {path}: {total} frames on {len(counts)} interfaces ({per or 'none'}{tail}{lost})"
 
 
-def run_cli(args: Any) -> int:
-    """Entry of ``netlab capture``; returns CMD's exit status (0 after Ctrl-C)."""
-    from netlab.lab import Lab
-
-    lab = Lab.attach(args.lab)
-    if args.iface:
-        targets = [parse_iface(lab, s) for s in args.iface]
-    elif args.hops is not None:
-        targets = hop_targets(lab, args.hops)
+def capture(lab: LabView, output: str, *, ifaces: Sequence[str] = (), hops: str | None = None,
+            bpf: str | None = DEFAULT_FILTER, cmd: Sequence[str] = ()) -> tuple[int, str]:
+    """``netlab capture``: record ``ifaces`` (``NETNS:IFACE`` each) or, without them, the interfaces
+    of path ``hops``'s hop contract (``""``: every path's) while ``cmd`` runs (until Ctrl-C when it
+    is empty), into the pcapng file ``output``; ``bpf`` None captures everything.
+    Returns CMD's exit status (0 after Ctrl-C) and the one-line summary of what was written."""
+    if ifaces:
+        targets = [parse_iface(lab, s) for s in ifaces]
+    elif hops is not None:
+        targets = hop_targets(lab, hops)
     else:
         raise UsageError("say what to capture: --iface NETNS:IFACE (repeatable) or --hops [PATH]")
-    bpf = DEFAULT_FILTER if args.filter is None else (args.filter or None)  # --filter "": everything
-    rc, counts, drops = record(targets, args.write, bpf=bpf, cmd=_command(args.cmd or ()))
-    print(summary(args.write, counts, drops), file=sys.stderr)
-    return rc
+    rc, counts, drops = record(targets, output, bpf=bpf, cmd=_command(cmd))
+    return rc, summary(output, counts, drops)
 
 
-__all__ = ["DEFAULT_FILTER", "hop_targets", "interfaces_of", "parse_iface", "record", "run_cli", "summary"]
+__all__ = ["DEFAULT_FILTER", "capture", "hop_targets", "interfaces_of", "parse_iface", "record", "summary"]

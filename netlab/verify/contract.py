@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from netlab.plan.types import Plan
 from netlab.topology.model import Hop, RequestPath
@@ -27,7 +28,7 @@ class Divergence:
     observed: ObservedHop | None
     reason: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"expected": self.expected.model_dump(exclude_defaults=True),
                 "observed": self.observed.to_dict() if self.observed else None, "reason": self.reason}
 

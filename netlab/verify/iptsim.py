@@ -18,10 +18,11 @@ import ipaddress
 import re
 import subprocess
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from netlab.kernel.ipt import Spec, parse_spec
-from netlab.kernel.ns import in_netns
+from netlab.netns import in_netns
+from netlab.plan.iptspec import Spec, parse_spec
 from netlab.plan.types import MAIN_TABLE, IptRule, Plan
 
 LOCAL_TABLE = 255
@@ -60,7 +61,7 @@ class Ruleset:
     ipsets: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     @classmethod
-    def from_save(cls, plan: Plan, netns: str, save: str) -> "Ruleset":
+    def from_save(cls, plan: Plan, netns: str, save: str) -> Ruleset:
         """The rules in the kernel's order (``iptables-legacy-save`` text), each named by the plan
         rule it came from; jumps the plan made implicitly (``-I <builtin> 1 -j <chain>``) get no ref."""
         rs = cls()
@@ -127,9 +128,9 @@ class Ruleset:
                 p.dport = int(opts.get("to-ports", [str(p.dport)])[0])
                 return "redirect"
             elif name in self.chains.get(table, {}) or name not in ("DROP", "REJECT", "LOG"):
-                v = self.run(table, name, p, hits)
-                if v not in ("continue", "return"):
-                    return v
+                verdict = self.run(table, name, p, hits)
+                if verdict not in ("continue", "return"):
+                    return verdict
             else:
                 return name.lower()
         return "continue"
@@ -177,7 +178,7 @@ def _vm(args: list[str], full: bool = False) -> tuple[int, int]:
     return int(v, 0), (int(m, 0) if m else 0xFFFFFFFF)
 
 
-def _neg(val: str, test) -> bool:  # noqa: ANN001
+def _neg(val: str, test: Callable[[str], bool]) -> bool:
     return not test(val[1:]) if val.startswith("!") else test(val)
 
 

@@ -23,6 +23,7 @@ writes it as SVG.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -452,7 +453,7 @@ def _draw_routes(fig: Figure, routes: list[_Route], bands: dict[str, tuple[float
 def _segments(fig: Figure) -> list[Rect]:
     out = []
     for arrow in fig.arrows:
-        for (x1, y1), (x2, y2) in zip(arrow.points, arrow.points[1:]):
+        for (x1, y1), (x2, y2) in itertools.pairwise(arrow.points):
             out.append(Rect(min(x1, x2) - 2, min(y1, y2) - 2, abs(x2 - x1) + 4, abs(y2 - y1) + 4))
     return out
 

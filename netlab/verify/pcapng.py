@@ -129,11 +129,15 @@ def seconds_to_ns(ts: float) -> int:
 
 
 class _Frame(Protocol):
+    """What is written of a captured frame (``netlab.verify.sniff.Captured`` has it)."""
+
     netns: str
     iface: str
     direction: Direction
-    timestamp: float
     raw: bytes
+
+    @property
+    def timestamp(self) -> float: ...
 
 
 def write_frames(path: str, frames: Iterable[_Frame], interfaces: Sequence[tuple[str, str]] = (), *,

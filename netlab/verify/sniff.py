@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
-from netlab.kernel.ns import assert_socket_in, current_cookie, in_netns
+from netlab.netns import assert_socket_in, current_cookie, in_netns
 
 if TYPE_CHECKING:
     from scapy.packet import Packet
@@ -100,6 +100,7 @@ BPF_SYN_OR_GENEVE = _bpf(
 )
 
 Direction = Literal["in", "out"]
+_Epoll = select.epoll  # (inside Capture, ``select`` is its method)
 Target = tuple[str, str]  # (netns, iface)
 
 
@@ -352,7 +353,7 @@ class Capture:
         wrpcap(path, [c.pkt for c in self.packets], linktype=DLT_EN10MB)
 
     # ---- collector thread ----
-    def _open_all(self, insns: bytes | None, ep: select.epoll) -> None:
+    def _open_all(self, insns: bytes | None, ep: _Epoll) -> None:
         by_ns: dict[str, list[str]] = {}
         for netns, iface in self.targets:
             by_ns.setdefault(netns, []).append(iface)
@@ -439,7 +440,7 @@ def _drops(sock: socket.socket) -> int:
     """Frames the kernel dropped for this socket (``tp_drops``; reading resets the counters)."""
     try:
         _packets, drops = struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
-        return drops
+        return int(drops)
     except OSError:
         return 0
 

@@ -50,25 +50,24 @@ other traffic of the lab.
 from __future__ import annotations
 
 import errno
-import json
 import random
 import socket
-import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from netlab.errors import NetlabError, UsageError
-from netlab.kernel.ns import in_netns
 from netlab.mesh.connlog import LegFollower
+from netlab.netns import in_netns
 from netlab.plan.types import Plan, PodInfo
+from netlab.state import ConnLeg, StateDir
 from netlab.topology.model import RequestPath
 from netlab.verify import iptsim
 from netlab.verify.contract import Divergence, describe, find_contract, match, plan_contracts
 from netlab.verify.hops import Geography, ObservedHop, Seg, parse_frame
+from netlab.verify.labview import LabView
 from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture
 
 # Captured: the SYN of every TCP leg, and Geneve frames (the SYN inside is picked out in Python),
@@ -76,6 +75,7 @@ from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture
 PROXY_KINDS = ("ztunnel", "sidecar", "waypoint")
 LEG_WAIT = 1.5  # s to wait for the next leg of the request after the response
 APP_UID = 0  # the trace client runs as root inside the pod netns, like `netlab exec`
+Counters = dict[tuple[str, str], int]  # (netns, rule ref) -> packets
 
 
 @dataclass
@@ -222,21 +222,19 @@ class LegLog:
     """New legs of every proxy's connection log since construction (both files of each: see
     :mod:`netlab.mesh.connlog`); lines that are no leg are skipped and counted."""
 
-    def __init__(self, plan: Plan, state_dir: Path) -> None:
-        self.follower = LegFollower({p.name: state_dir / "conn" / f"{p.name}.jsonl"
-                                     for p in plan.processes if p.kind in PROXY_KINDS})
-        self.legs: list[dict[str, Any]] = []
+    def __init__(self, plan: Plan, files: StateDir) -> None:
+        self.follower = LegFollower({p.name: files.conn_log(p.name) for p in plan.processes if p.kind in PROXY_KINDS})
+        self.legs: list[ConnLeg] = []
 
     @property
     def skipped(self) -> int:
         return self.follower.skipped
 
     def poll(self) -> None:
-        self.legs += self.follower.poll()
+        self.legs += map(ConnLeg.from_dict, self.follower.poll())
 
-    def by_src(self, src: str) -> dict[str, Any] | None:
-        hits = [x for x in self.legs if x.get("src") == src]
-        return hits[0] if hits else None
+    def by_src(self, src: str) -> ConnLeg | None:
+        return next((x for x in self.legs if x.src == src), None)
 
 
 # ---- following the request ------------------------------------------------------------------------
@@ -286,12 +284,13 @@ def _reached_app(geo: Geography, sightings: list[tuple[Any, Seg]]) -> bool:
     return False
 
 
-def trace(lab: Any, src_pod: str, dst: str, url: str | None = None, *, contract: str | RequestPath | None = None,
-          timeout: float = 5.0) -> TraceResult:
+def trace(lab: LabView, src_pod: str, dst: str, url: str | None = None, *,
+          contract: str | RequestPath | None = None, timeout: float = 5.0) -> TraceResult:
     """Send one tagged GET from ``src_pod`` to ``dst`` and reconstruct its hops (see module doc).
 
     ``contract``: a path name of the lab's topology, a :class:`RequestPath`, or None to pick the
-    path whose from/to equal this trace's. ``lab`` is a :class:`netlab.lab.Lab`.
+    path whose from/to equal this trace's. ``lab``: a running lab (:class:`netlab.lab.Lab`).
+    ``netlab trace`` exits 1 when the result's ``matched`` is False.
     """
     t0 = time.monotonic()
     plan: Plan = lab.plan
@@ -306,7 +305,7 @@ def trace(lab: Any, src_pod: str, dst: str, url: str | None = None, *, contract:
     pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="netlab-trace")
     try:
         before, saves = _snapshot(plan, ipt_ns, pool)
-        legs = LegLog(plan, lab.state_dir)
+        legs = LegLog(plan, StateDir(lab.state_dir))
         cap = Capture(geo.targets(), bpf=BPF_SYN_OR_GENEVE, skip_missing=True).start()
         try:
             sock, sport = open_client(pod)
@@ -326,14 +325,14 @@ def trace(lab: Any, src_pod: str, dst: str, url: str | None = None, *, contract:
             notes.append(denial)
     if legs.skipped:
         notes.append(f"skipped {legs.skipped} line{'s' if legs.skipped != 1 else ''} of the connection logs "
-                     f"({lab.state_dir / 'conn'}) that are not connection legs")
+                     f"({StateDir(lab.state_dir).conn}) that are not connection legs")
     res = TraceResult(lab.name, trace_id, pod.ref, dst, url, status, body, (time.monotonic() - t0) * 1000, hops,
                       contract=path, error=err, notes=notes)
     _judge(res)
     return res
 
 
-def _snapshot(plan: Plan, namespaces: list[str], pool: ThreadPoolExecutor) -> tuple[dict[tuple[str, str], int], dict[str, str]]:
+def _snapshot(plan: Plan, namespaces: list[str], pool: ThreadPoolExecutor) -> tuple[Counters, dict[str, str]]:
     """(netns, ref) -> packets, and each namespace's iptables-save text, read in parallel."""
     futs = [pool.submit(iptsim.read_counters, plan, ns) for ns in namespaces]
     merged: dict[str, int] = {}
@@ -354,10 +353,11 @@ def _contract_for(plan: Plan, contract: str | RequestPath | None, src: str, dst:
         raise UsageError(f"--contract: {e.args[0]}") from None
 
 
-def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str, deadline: float) -> tuple[list[tuple[str, dict | None]], list[str]]:
+def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str,
+            deadline: float) -> tuple[list[tuple[str, ConnLeg | None]], list[str]]:
     """Walk leg by leg: SYN sightings of ``src``, then the proxy line whose downstream source is
     ``src``, then that proxy's upstream source, ... until a leg ends at an application."""
-    chain: list[tuple[str, dict | None]] = []
+    chain: list[tuple[str, ConnLeg | None]] = []
     notes: list[str] = []
     sights = _Sightings()
     src: str | None = first
@@ -378,7 +378,7 @@ def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str, deadline: fl
                 break
             time.sleep(0.005)
         chain.append((src, leg))
-        src = leg.get("up_src") or None if leg else None
+        src = (leg.up_src or None) if leg else None
     return chain, notes
 
 
@@ -390,16 +390,16 @@ def _proc_ids(plan: Plan, component: str | None) -> tuple[int, int]:
     return APP_UID, APP_UID
 
 
-def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tuple[str, dict | None]],
-                first_ip: str, first_port: int, before: dict, after: dict, saves: dict[str, str],
+def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tuple[str, ConnLeg | None]],
+                first_ip: str, first_port: int, before: Counters, after: Counters, saves: dict[str, str],
                 pool: ThreadPoolExecutor) -> list[ObservedHop]:
     hops: list[ObservedHop] = []
     rulesets: dict[str, iptsim.Ruleset] = {}
     route_jobs: list[tuple[ObservedHop, Any]] = []
-    prev_leg: dict | None = None
+    prev_leg: ConnLeg | None = None
     for i, (src, leg) in enumerate(chain):
-        uid, gid = _proc_ids(plan, prev_leg.get("component") if prev_leg else None)
-        orig_dst = prev_leg.get("up_dst", "") if prev_leg else _ep(first_ip, first_port)
+        uid, gid = _proc_ids(plan, prev_leg.component if prev_leg else None)
+        orig_dst = prev_leg.up_dst if prev_leg else _ep(first_ip, first_port)
         done_ns: set[str] = set()
         seen = sights.of(src)
         for c, seg in seen:
@@ -422,13 +422,14 @@ def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tupl
                     done_ns.add(c.netns)
             hops.append(h)
         if leg is not None:
-            place = geo.place(_netns_of_component(plan, leg.get("component", "")))
-            ph = ObservedHop("proxy", float(leg.get("start", 0.0)), place.at, _netns_of_component(plan, leg["component"]),
-                             place.node, leg.get("src", ""), leg.get("orig_dst", ""), proto=leg.get("proto", "tcp"), leg=i,
-                             proxy={k: leg.get(k) for k in ("component", "listener", "local", "up_src", "up_dst", "proto",
-                                                           "authority", "src_id", "dst_id", "outcome", "extra")})
-            ph.what = f"{leg.get('component')} {leg.get('listener')}"
-            denial = _denial(leg)
+            netns = _netns_of_component(plan, leg.component)
+            place = geo.place(netns)
+            proxy: dict[str, Any] = {k: getattr(leg, k) for k in _PROXY_FIELDS}
+            proxy["extra"] = leg.extra or None
+            ph = ObservedHop("proxy", float(leg.start), place.at, netns, place.node, leg.src, leg.orig_dst,
+                             proto=leg.proto, leg=i, proxy=proxy)
+            ph.what = f"{leg.component} {leg.listener}"
+            denial = _denial(proxy)
             if denial:
                 ph.what += f": {denial}"
             hops.append(ph)
@@ -449,8 +450,14 @@ def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tupl
     return hops
 
 
+#: What a proxy hop carries of its leg (``TraceResult.to_dict``: ``hops[].proxy``)
+_PROXY_FIELDS = ("component", "listener", "local", "up_src", "up_dst", "proto", "authority", "src_id", "dst_id",
+                 "outcome")
+
+
 def _denial(leg: dict[str, Any]) -> str | None:
-    """"denied by policy X" for a leg ztunnel refused on authorization grounds (docs/policies.md)."""
+    """"denied by policy X" for a leg ztunnel refused on authorization grounds (docs/policies.md);
+    ``leg``: a proxy hop's ``proxy``."""
     extra = leg.get("extra") or {}
     if extra.get("reason") != "Denied":
         return None
@@ -543,24 +550,4 @@ def _judge(res: TraceResult) -> None:
         res.error = f"response body lacks {path.expect_body!r}"
 
 
-# ---- CLI ----------------------------------------------------------------------------------------
-def run_cli(args: Any) -> int:
-    """``netlab trace``: exit 0 when the hops match the contract (or there is none), 1 if not."""
-    from netlab.lab import Lab
-
-    lab = Lab.attach(args.lab)
-    res = trace(lab, args.src, args.dst, args.url, contract=args.contract)
-    if getattr(args, "html", None):  # the same hops as a page: figure, list, details (netlab.verify.html)
-        from netlab.verify.html import write_trace_html
-
-        write_trace_html(args.html, lab.plan, res.to_dict())
-        print(f"wrote {args.html}: {len(res.hops)} hops", file=sys.stderr)
-    if args.json:
-        json.dump(res.to_dict(), sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
-    else:
-        print(res.render())
-    return 1 if res.matched is False else 0
-
-
-__all__ = ["TraceResult", "trace", "run_cli", "resolve_dst", "describe"]
+__all__ = ["TraceResult", "describe", "resolve_dst", "trace"]

@@ -25,10 +25,17 @@ import pytest
 from scapy.contrib.geneve import GENEVE
 from scapy.layers.inet import IP, TCP, UDP
 
-from netlab.istio import GENEVE_DST_PORT, INBOUND_TUN, INBOUND_TUN_POD, INBOUND_TUN_VNI, OUTBOUND_TUN, \
-    OUTBOUND_TUN_POD, OUTBOUND_TUN_VNI
-from netlab.kernel.ns import in_netns
+from netlab.istio import (
+    GENEVE_DST_PORT,
+    INBOUND_TUN,
+    INBOUND_TUN_POD,
+    INBOUND_TUN_VNI,
+    OUTBOUND_TUN,
+    OUTBOUND_TUN_POD,
+    OUTBOUND_TUN_VNI,
+)
 from netlab.lab import Lab
+from netlab.netns import in_netns
 from netlab.plan.types import NodeInfo, PodInfo
 from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture, Captured
 
@@ -288,7 +295,7 @@ def test_inbound_goes_through_istioin_to_15008_or_15006(coex: Lab, client_ref: s
                 assert conn.getsockname() == (hb.ip, dport), f":{dport} lands on {lport} with its original destination"
                 assert conn.getpeername() == (client_ip, cport), "the client's address is kept"
                 conn.close()
-                syn = lambda p, f=flow(client_ip, hb.ip, dport, cport): f(p) and is_syn(p)  # noqa: E731
+                syn = lambda p, f=flow(client_ip, hb.ip, dport, cport): f(p) and is_syn(p)  # noqa: E731, B008
                 wire = one(cap, node_b.netns, "eth0", "in", plain(syn))
                 tun = one(cap, node_b.netns, INBOUND_TUN, "out", plain(syn))
                 enc = one(cap, node_b.netns, ztb.host_veth, "out", geneve(syn))

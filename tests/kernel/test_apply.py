@@ -18,11 +18,15 @@ from pathlib import Path
 import pytest
 
 from netlab import istio
-from netlab.kernel import ledger, ns, rtnl, sample
-from netlab.kernel.apply import ApplyError, apply, describe, sysctl_path
+from netlab import netns as ns
+from netlab.kernel import ledger, rtnl
+from netlab.kernel.apply import ApplyError, apply, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
-from netlab.kernel.ipt import IptSpecError, parse_spec
+from netlab.plan.ambient import pod_uid
+from netlab.plan.iptspec import IptSpecError, parse_spec
 from netlab.plan.types import IptRule, Route, Sysctl
+from netlab.state import StateDir
+from tests import sample_plans as sample
 
 kernel = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 REPO = Path(__file__).resolve().parents[2]
@@ -102,7 +106,7 @@ def test_parse_spec_negations_and_options():
 
 def test_describe_and_sysctl_path():
     r = Route("lab-node-a", "10.0.2.0/24", gateway="172.172.0.3")
-    assert describe(r) == "route 10.0.2.0/24 via 172.172.0.3 in netns lab-node-a"
+    assert r.describe() == "route 10.0.2.0/24 via 172.172.0.3 in netns lab-node-a"
     assert sysctl_path("net.ipv4.conf.eth0.100.rp_filter") == "/proc/sys/net/ipv4/conf/eth0.100/rp_filter"
     assert sysctl_path("net.ipv4.ip_forward") == "/proc/sys/net/ipv4/ip_forward"
 
@@ -157,7 +161,7 @@ def test_apply_small_lab(lab):
            "-j ISTIO_IN_REDIRECT" in sh("ip netns exec hk-t-n2-p0 iptables-legacy-save -t nat")
 
     out = sh(f"ip netns exec {node1} ipset list {istio.ZTUNNEL_PODS_IPSET}")
-    assert "Type: hash:ip" in out and 'comment "uid-p1-1"' in out and "10.0.1.3" in out
+    assert "Type: hash:ip" in out and f'comment "{pod_uid(plan.pod("default/p1-1"))}"' in out and "10.0.1.3" in out
 
     rules = sh(f"ip netns exec {node1} ip rule show")
     assert "100:\tfrom all fwmark 0x200/0x200 goto 32766" in rules
@@ -330,7 +334,7 @@ def test_rejected_iptables_rule_is_named():
 @pytest.mark.kernel
 @kernel
 def test_destroy_after_sigkill(netlab_run_dir):
-    code = ("import sys; from netlab.kernel import sample, apply as a\n"
+    code = ("import sys; from netlab.kernel import apply as a; from tests import sample_plans as sample\n"
             "p = sample.single_node('hk-k', 400)\n"
             "a.apply(p, progress=lambda s, d, n: print(s, d, n, flush=True))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True,
@@ -366,7 +370,7 @@ def test_destroy_stops_recorded_processes_only():
     try:
         ledger.record_process("hk-p", "sleeper", sleeper.pid)
         # a record whose starttime does not match (a reused PID) must never be signalled
-        with open(ledger.lab_dir("hk-p") / ledger.LEDGER, "a") as f:
+        with open(StateDir.of("hk-p").ledger, "a") as f:
             f.write(json.dumps({"op": "process", "name": "stranger", "pid": stranger.pid, "starttime": 1}) + "\n")
         t = time.monotonic()
         rep = destroy("hk-p")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ns
+from netlab import netns as ns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (`netlab up`)")]
 NETLAB = [sys.executable, "-m", "netlab.cli"]

@@ -68,3 +68,14 @@ def test_unknown_pod_and_lab_are_one_line_errors(s1: Lab) -> None:
     assert r.returncode == 2 and "no pod 'nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = run("status", "no-such-lab")
     assert r.returncode == 2 and "no lab named 'no-such-lab'" in r.stderr
+
+
+def test_logs_prints_a_process_output(s1: Lab) -> None:
+    """`netlab logs COMPONENT` printed nothing: Lab.logs built the tail generator and dropped it."""
+    r = run("logs", "--lab", "cli-s1", "ztunnel-node-a", "-n", "200")
+    assert r.returncode == 0, r.stderr
+    assert any(json.loads(line).get("event") == "ready" for line in r.stdout.splitlines() if line.startswith("{"))
+    r = run("logs", "--lab", "cli-s1")
+    assert r.returncode == 0 and "ztunnel-node-a" in r.stdout.split("components: ", 1)[1]
+    r = run("logs", "--lab", "cli-s1", "nope")
+    assert r.returncode == 2 and "no component 'nope'" in r.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.lab import state_dir
 from tests.kernel.conftest import root_snapshot
 

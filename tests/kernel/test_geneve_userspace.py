@@ -33,7 +33,7 @@ from scapy.packet import Packet
 from scapy.utils import wrpcap
 
 from netlab.istio import GENEVE_DST_PORT, INBOUND_TUN_VNI, OUTBOUND_TUN_VNI
-from netlab.kernel.ns import assert_socket_in, create_netns, current_cookie, delete_netns, in_netns, list_netns
+from netlab.netns import assert_socket_in, create_netns, current_cookie, delete_netns, in_netns, list_netns
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")]
 

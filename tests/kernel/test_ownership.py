@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ledger, ns, sample
+from netlab import netns as ns
+from netlab import state
+from netlab.kernel import ledger
 from netlab.kernel.apply import ApplyError, apply
 from netlab.plan.types import Netns
+from tests import sample_plans as sample
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates namespaces)")]
 NETLAB = [sys.executable, "-m", "netlab.cli"]
@@ -35,7 +38,7 @@ def netlab(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def topology(tmp_path: Path, lab: str, *nodes: str) -> str:
     """A plain lab: the nodes (made in this order), one pod on the last."""
     f = tmp_path / f"{lab}.yaml"
-    f.write_text(f"name: {lab}\nnodes: [{', '.join('{name: %s}' % n for n in nodes)}]\n"
+    f.write_text(f"name: {lab}\nnodes: [{', '.join(f'{{name: {n}}}' for n in nodes)}]\n"
                  f"namespaces: {{default: {{}}}}\npods: [{{name: p, namespace: default, node: {nodes[-1]}}}]\n")
     return str(f)
 
@@ -61,7 +64,7 @@ def test_down_spares_a_namespace_another_lab_made_under_a_name_it_only_intended(
         assert ns.netns_cookie("rt5-x-node-b") == theirs
         assert "rt5-x-node-b" in r.stdout + r.stderr, "down does not say which namespace it left"
         assert [n for n in ns.list_netns() if n.startswith("rt5-x-") and n != "rt5-x-node-b"] == []
-        assert not ledger.lab_dir("rt5-x").exists()
+        assert not state.lab_dir("rt5-x").exists()
         st = json.loads(netlab("status", "rt5", "--json").stdout)
         assert st["lab"] == "rt5"
     finally:
@@ -82,7 +85,7 @@ def test_a_name_the_kernel_refuses_rolls_back_to_nothing(netlab_run_dir: Path) -
     with pytest.raises(ApplyError) as ei:
         apply(dataclasses.replace(base, netns=(*base.netns, long)))
     assert "File name too long" in str(ei.value) and "rollback" not in str(ei.value), str(ei.value)
-    assert not ledger.lab_dir("hz-l").exists()
+    assert not state.lab_dir("hz-l").exists()
     assert [n for n in ns.list_netns() if n.startswith("hz-l-")] == []
 
 
@@ -117,14 +120,14 @@ def test_down_that_cannot_remove_one_file_removes_the_rest_and_other_labs_still_
         subprocess.run(["umount", etc], check=False)
     r = netlab("down", "hz-b")
     assert r.returncode == 0, r.stderr
-    assert not ledger.lab_dir("hz-b").exists() and not Path(etc).exists()
+    assert not state.lab_dir("hz-b").exists() and not Path(etc).exists()
 
 
 @pytest.mark.parametrize("plan_json", ["{", "[1, 2]", '{"lab": 7}'])
 def test_a_garbage_lab_state_does_not_break_other_labs(lab_a: str, plan_json: str) -> None:
     """A state directory whose plan.json is garbage (a torn write, a hand edit): commands without
     --lab pick the lab that is up; naming the broken lab is one line, exit 1; `down` removes it."""
-    d = ledger.lab_dir("hz-g")
+    d = state.lab_dir("hz-g")
     d.mkdir(mode=0o700)
     (d / "plan.json").write_text(plan_json)
     (d / "ledger.jsonl").write_text('{"op": "intent", "type": "Netns"}\n[3]\n"x"\n{"op": "process", "pid": "x"}\n')

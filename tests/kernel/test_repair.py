@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.lab import Lab, state_dir
 from netlab.runtime import procfs
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.plan.types import Process
 from netlab.runtime import logs, procfs, spawn
 from netlab.runtime import supervisor as sv

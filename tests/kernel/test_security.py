@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.lab import Lab
 from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.ca import LabCA
@@ -148,7 +148,7 @@ def hbone(lab: Lab, dst_ip: str, authority: str, cert: Path, key: Path, *, expec
 
 def self_signed(d: Path, identity: str) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")])
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))

@@ -126,7 +126,7 @@ def test_s1_ambient_sleep_to_sidecar_httpbin() -> None:
         zt = [x for x in legs(lab, "ztunnel-node-a", 2) if x["listener"] == "outbound:15001"]
         sc = [x for x in legs(lab, "httpbin.bar-sidecar", 2) if x["listener"] == "inbound:15006"]
         assert len(zt) == 2 and len(sc) == 2
-        for z, s in zip(zt, sc):
+        for z, s in zip(zt, sc, strict=True):
             assert z["src"].startswith(sleep.ip + ":") and z["proto"] == "tcp"  # httpbin has no tunnel
             assert s["src"] == z["up_src"] and s["orig_dst"] == z["up_dst"] == f"{httpbin.ip}:80"
             assert s["up_src"].startswith("127.0.0.6:")

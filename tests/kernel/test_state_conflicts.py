@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ledger, ns
+from netlab import netns as ns
+from netlab import state
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates namespaces)")]
 NETLAB = [sys.executable, "-m", "netlab.cli"]
@@ -66,7 +67,7 @@ def test_a_namespace_name_another_lab_has_is_one_line(tmp_path: Path) -> None:
     try:
         r = netlab("up", topology(tmp_path, "hz", "c-fabric"), "--tunnel", "userspace", "-q")
         one_line(r, "'hz-c-fabric' already exists", "lab 'hz-c'")
-        assert not ledger.lab_dir("hz").exists()
+        assert not state.lab_dir("hz").exists()
         assert json.loads(netlab("status", "hz-c", "--json").stdout)["health"] == "up"
     finally:
         netlab("down", "hz-c")
@@ -100,7 +101,7 @@ def test_up_while_down_runs_is_refused_in_one_line(tmp_path: Path) -> None:
         one_line(netlab("up", topo, "--tunnel", "userspace", "-q"), "'hz-d'", "taken down")
         rc, err = resume(down)
         assert rc == 0, err
-        assert not ledger.lab_dir("hz-d").exists()
+        assert not state.lab_dir("hz-d").exists()
         r = netlab("up", topo, "--tunnel", "userspace", "-q")  # and once it is down, up works again
         assert r.returncode == 0, r.stderr
     finally:

@@ -112,7 +112,7 @@ def test_two_traces_side_by_side(labs: dict[str, Lab], tmp_path: Path) -> None:
         assert len(panes) == 2
         a, b = (p.rect for p in panes)
         assert abs(a["y"] - b["y"]) < 2 and b["x"] >= a["x"] + a["width"]  # side by side
-        for pane, d in zip(panes, (d1, d2)):
+        for pane, d in zip(panes, (d1, d2), strict=True):
             assert len(pane.find_elements(By.CSS_SELECTOR, "li.hop")) == len(d["hops"])
         # each pane has its own selection
         panes[1].find_elements(By.CSS_SELECTOR, "li.hop")[0].click()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.lab import Lab
 from netlab.mesh.connlog import read_legs
 
@@ -109,12 +109,12 @@ class Capture:
             while not self._stop.is_set():
                 try:
                     self.frames.append(s.recv(65535))
-                except socket.timeout:
+                except TimeoutError:
                     continue
         finally:
             s.close()
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         self._t.start()
         assert self._ready.wait(5), "capture did not start"
         return self

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import pytest
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.lab import Lab
 
 pytestmark = pytest.mark.kernel

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab.kernel import ns
+from netlab import netns as ns
 from netlab.lab import Lab
 from netlab.mesh.connlog import read_legs
 

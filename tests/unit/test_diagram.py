@@ -52,7 +52,7 @@ def contract_hops(plan: Any, path_name: str) -> list[dict[str, Any]]:
 
 
 def segments(fig: Figure) -> list[tuple[int, tuple[float, float], tuple[float, float]]]:
-    return [(a.n, p, q) for a in fig.arrows for p, q in zip(a.points, a.points[1:])]
+    return [(a.n, p, q) for a in fig.arrows for p, q in itertools.pairwise(a.points)]
 
 
 def overlapping(s: tuple[tuple[float, float], tuple[float, float]], t: tuple[tuple[float, float], tuple[float, float]]) -> bool:

@@ -13,8 +13,17 @@ import socket
 
 import pytest
 
-from netlab.mesh.relay import (OUTCOME_DOWNSTREAM_RESET, OUTCOME_OK, OUTCOME_UPSTREAM_RESET, RelayResult, TcpStream,
-                               relay, set_linger_zero, tcp_connect, tcp_stream_from_socket)
+from netlab.mesh.relay import (
+    OUTCOME_DOWNSTREAM_RESET,
+    OUTCOME_OK,
+    OUTCOME_UPSTREAM_RESET,
+    RelayResult,
+    TcpStream,
+    relay,
+    set_linger_zero,
+    tcp_connect,
+    tcp_stream_from_socket,
+)
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 

@@ -12,9 +12,22 @@ from netlab.mesh.relay import tcp_connect
 from netlab.mesh.sidecar.base import TrustDomainSans
 from netlab.mesh.sidecar.inbound import HboneInbound, Inbound
 from netlab.mesh.sidecar.outbound import Outbound, route_outbound
-from tests.unit.test_sidecar_support import (HELLO_IP, HELLO_VIP, HTTPBIN_VIP, NATIVE_IP, OTHER_IP, PLAIN_IP,
-                                             SLEEP_IP, WAYPOINT_IP, conn_log, echo_server, fake_ztunnel,
-                                             lab_registry, make_certs, wait_legs)
+from tests.unit.test_sidecar_support import (
+    HELLO_IP,
+    HELLO_VIP,
+    HTTPBIN_VIP,
+    NATIVE_IP,
+    OTHER_IP,
+    PLAIN_IP,
+    SLEEP_IP,
+    WAYPOINT_IP,
+    conn_log,
+    echo_server,
+    fake_ztunnel,
+    lab_registry,
+    make_certs,
+    wait_legs,
+)
 
 SLEEP_ID = istio.spiffe_id("foo", "sleep")
 

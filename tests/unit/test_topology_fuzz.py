@@ -231,7 +231,7 @@ def test_plan_subprocess_one_line(case: str, tmp_path: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root (`netlab up`)")
 @pytest.mark.parametrize("case", ["non_utf8", "dangling", "bad_cidr", "overlong", "yaml_error"])
 def test_up_subprocess_one_line_and_nothing_created(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from netlab.kernel import ns
+    from netlab import netns as ns
 
     run = tmp_path / "run"
     monkeypatch.setenv("NETLAB_RUN_DIR", str(run))

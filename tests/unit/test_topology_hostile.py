@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from netlab import cli
-from netlab.kernel import ledger
+from netlab import cli, state
 from netlab.mesh.bootstrap import MeshContext, prepare
 from netlab.mesh.ca import LabCA, uri_sans
 from netlab.plan.build import build_plan
@@ -112,13 +111,14 @@ def test_names_are_full_match_and_never_empty() -> None:
 
 
 def test_ledger_lab_name_is_the_shared_full_match_rule() -> None:
-    """kernel/ledger.py had its own pattern (anything up to 64 characters, with ``$``)."""
+    """kernel/ledger.py had its own pattern (anything up to 64 characters, with ``$``); the lab's
+    state directory is netlab.state's now."""
     from netlab import names
 
     assert names.LAB_NAME_RE.match("ok") and not names.LAB_NAME_RE.match("ok\n")
     for bad in ("ok\n", "Upper", "a" * 41, "a_b"):
         with pytest.raises(ValueError):
-            ledger.lab_dir(bad)
+            state.lab_dir(bad)
 
 
 # ---- item 10: one identity, one certificate directory ---------------------------------------------
@@ -130,7 +130,7 @@ def test_different_identities_never_share_a_certificate(tmp_path: Path) -> None:
               "spiffe://cluster.local/ns/x_sa/y", "spiffe://cluster.local/ns/x/sa/y%5Fz"]
     certs = [ca.issue(i)[0] for i in idents]
     assert len({c.parent for c in certs}) == len(idents)
-    for ident, cert in zip(idents, certs):
+    for ident, cert in zip(idents, certs, strict=True):
         assert uri_sans(cert) == [ident]
     assert len({ca.leaf_dir(i) for i in idents}) == len(idents)
 

@@ -11,8 +11,19 @@ import pytest
 from netlab import istio
 from netlab.mesh.hbone import HboneError, baggage_header, forwarded_header, hbone_connect
 from netlab.mesh.waypoint.proxy import Waypoint
-from tests.unit.test_sidecar_support import (HELLO_IP, HELLO_VIP, OTHER_IP, SLEEP_IP, WAYPOINT_IP, echo_server,
-                                             fake_ztunnel, lab_registry, make_certs, conn_log, wait_legs)
+from tests.unit.test_sidecar_support import (
+    HELLO_IP,
+    HELLO_VIP,
+    OTHER_IP,
+    SLEEP_IP,
+    WAYPOINT_IP,
+    conn_log,
+    echo_server,
+    fake_ztunnel,
+    lab_registry,
+    make_certs,
+    wait_legs,
+)
 
 SLEEP_ID = istio.spiffe_id("foo", "sleep")
 WP_ID = istio.spiffe_id("bar-2", "waypoint-istio-waypoint")

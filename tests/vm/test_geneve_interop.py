@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from netlab.istio import OUTBOUND_TUN_VNI
-from netlab.kernel.ns import create_netns, delete_netns, in_netns, list_netns
+from netlab.netns import create_netns, delete_netns, in_netns, list_netns
 
 pytestmark = [pytest.mark.vm, pytest.mark.kernel]
 

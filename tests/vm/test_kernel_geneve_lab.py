@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from netlab.istio import INBOUND_TUN_VNI, OUTBOUND_TUN_VNI
-from netlab.kernel.ns import in_netns
+from netlab.netns import in_netns
 
 pytestmark = [pytest.mark.vm, pytest.mark.kernel]
 

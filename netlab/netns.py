@@ -7,6 +7,9 @@ bound to the namespace it was created in) and hop back, for a few microseconds.
 
 Every writer asserts the namespace of its socket with ``SO_NETNS_COOKIE`` before writing, so a
 socket opened in the wrong place (the root namespace!) is caught instead of configuring the host.
+
+A shared utility at the bottom of the package (the kernel layer, the Geneve relay, the runtime,
+verify and doctor all enter namespaces): it imports nothing from netlab but ``testhooks``.
 """
 
 from __future__ import annotations

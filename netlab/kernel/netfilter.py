@@ -1,0 +1,94 @@
+"""A namespace's ipsets and iptables, written by apply from a thread inside the namespace.
+
+Both check the namespace of the socket they write through against the cookie recorded when the
+namespace was made (the ipset socket with ``SO_NETNS_COOKIE``, libiptc's in :class:`ipt.TableTx`),
+record their objects in the ledger first, and name the object the kernel refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from netlab import netns as ns
+from netlab.kernel import ipt
+from netlab.kernel.failures import ApplyError, ObjectError
+from netlab.kernel.ledger import Ledger
+from netlab.plan.types import IpSet, IpSetEntry, IptChain, IptRule
+
+
+def write_ipsets(netns: str, cookie: int, sets: Sequence[IpSet], entries: Sequence[IpSetEntry],
+                 ledger: Ledger) -> None:
+    """Create ``sets``, then add ``entries``, through pyroute2's ipset socket made here."""
+    from pyroute2 import IPSet as NlIPSet
+
+    ips = NlIPSet()  # its setup runs in this thread, so the socket is in this netns: check it
+    try:
+        ns.assert_socket_in(ips.asyncore.socket.fileno(), cookie, f"ipset socket in netns {netns}")
+        for s in sets:
+            ledger.intent([s])
+            try:
+                ips.create(s.name, stype=s.type, comment=s.comment)
+            except Exception as e:
+                raise ObjectError(s, e) from e
+        ledger.intent(list(entries))
+        for entry in entries:
+            try:
+                ips.add(entry.set, entry.ip, comment=entry.comment)
+            except Exception as e:
+                raise ObjectError(entry, e) from e
+    finally:
+        ips.close()
+
+
+def write_iptables(netns: str, cookie: int, chains: Sequence[IptChain], rules: Sequence[IptRule],
+                   ledger: Ledger) -> None:
+    """Per table, every chain (and its jump) then every rule, in plan order, in one commit."""
+    tables: dict[str, tuple[list[IptChain], list[IptRule]]] = {}
+    for c in chains:
+        tables.setdefault(c.table, ([], []))[0].append(c)
+    for rl in rules:
+        tables.setdefault(rl.table, ([], []))[1].append(rl)
+    for table, (cs, rs) in tables.items():
+        ledger.intent([*cs, *rs])
+        with ipt.locked():
+            try:
+                _table(netns, cookie, table, cs, rs, commit_each=False)
+            except (ObjectError, ns.NetnsError):
+                raise
+            except Exception as e:
+                # the kernel refused the table as a whole at commit: redo it one commit per
+                # object to name the one it rejects (the netns is ours: partial state is fine)
+                _table(netns, cookie, table, cs, rs, commit_each=True)
+                raise ApplyError(f"iptables -t {table} in netns {netns}: commit failed: {e}") from e
+
+
+def _table(netns: str, cookie: int, table: str, cs: list[IptChain], rs: list[IptRule], *, commit_each: bool) -> None:
+    """All chains (+ their jumps) then all rules of one table, in plan order, in one commit
+    (or, when hunting a commit failure, one commit each)."""
+    where = f"in netns {netns}"
+    tx = ipt.TableTx(table, cookie, where)
+    try:
+        objs: list[IptChain | IptRule] = [*cs, *rs]
+        for obj in objs:
+            try:
+                if isinstance(obj, IptChain):
+                    tx.create_chain(obj.chain)
+                    if obj.jump_from:
+                        tx.insert_jump(obj.jump_from, obj.chain)
+                else:
+                    tx.append(obj.chain, obj.spec)
+            except Exception as e:
+                raise ObjectError(obj, e) from e
+            if commit_each:
+                try:
+                    tx.commit()
+                except ns.NetnsError:
+                    raise
+                except Exception as e:
+                    raise ObjectError(obj, e) from e
+                tx.close()
+                tx = ipt.TableTx(table, cookie, where)
+        if not commit_each:
+            tx.commit()
+    finally:
+        tx.close()
