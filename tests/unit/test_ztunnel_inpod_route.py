@@ -46,7 +46,8 @@ def test_outbound_vip_with_waypoint_goes_to_the_waypoint(co: Registry) -> None:
     d = plan_outbound_inpod(co, wl(co, "amb/sleep"), vip(co, "bar-2", "helloworld"))
     w = wl(co, "bar-2/waypoint")
     assert isinstance(d, Route) and d.kind == "waypoint" and d.hbone
-    assert d.addr == (w.ip, 15008) and d.authority == "%s:%d" % vip(co, "bar-2", "helloworld")
+    v_ip, v_port = vip(co, "bar-2", "helloworld")
+    assert d.addr == (w.ip, 15008) and d.authority == f"{v_ip}:{v_port}"
     assert d.expected_identity == w.identity and d.source_ip is None
 
 
