@@ -15,13 +15,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-EMPTY_FILTER_SAVE = """\
-*filter
-:INPUT ACCEPT
-:FORWARD ACCEPT
-:OUTPUT ACCEPT
-COMMIT
-"""
+from tests.reference_expect import EMPTY_FILTER_SAVE, EMPTY_NAT_SAVE  # (the same empty tables as 1.18's)
 
 EMPTY_MANGLE_SAVE = """\
 *mangle
@@ -39,16 +33,6 @@ EMPTY_RAW_SAVE = """\
 :OUTPUT ACCEPT
 COMMIT
 """
-
-EMPTY_NAT_SAVE = """\
-*nat
-:PREROUTING ACCEPT
-:INPUT ACCEPT
-:OUTPUT ACCEPT
-:POSTROUTING ACCEPT
-COMMIT
-"""
-
 
 def pod_mangle_save() -> str:
     """§1.5 mangle (the same with DNS capture on or off, and with bypass-inbound-capture, §1.8)."""

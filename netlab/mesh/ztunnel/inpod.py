@@ -39,20 +39,19 @@ from typing import Any
 from netlab import istio
 from netlab import netns as ns
 from netlab.mesh import zds
-from netlab.mesh.connlog import addr
 from netlab.mesh.dns import codec as dns
 from netlab.mesh.dns.names import ServiceNames
 from netlab.mesh.dns.server import DnsServer, forward
 from netlab.mesh.endpoint import Endpoint
 from netlab.mesh.hbone import ConnectRequest, HboneServer
 from netlab.mesh.registry import Workload
-from netlab.mesh.relay import TcpStream, accepting_tcp_streams, tcp_connect
-from netlab.mesh.sockets import LISTEN_BACKLOG, PodSocketFactory, client_socket
-from netlab.mesh.ztunnel.config import LISTENER_INBOUND, LISTENER_OUTBOUND, LISTENER_PLAINTEXT
+from netlab.mesh.relay import TcpStream, accepting_tcp_streams
+from netlab.mesh.sockets import LISTEN_BACKLOG, PodSocketFactory
+from netlab.mesh.ztunnel.config import LISTENER_OUTBOUND, LISTENER_PLAINTEXT
+from netlab.mesh.ztunnel.inbound import serve_inbound
 from netlab.mesh.ztunnel.proxy import ProxyInputs, serve_captured
 from netlab.mesh.ztunnel.route import (
     Decision,
-    Reject,
     plan_inbound_inpod,
     plan_outbound_inpod,
     plan_plaintext_inpod,
@@ -175,29 +174,9 @@ class PodProxy:
 
     async def _inbound(self, req: ConnectRequest) -> int | Endpoint:
         pi = self.pi
-        leg = pi.legs.start(LISTENER_INBOUND, req.peer_addr, req.authority, req.local_addr,
-                            authority=req.authority, src_id=req.peer_identity or "")
-        leg.extra["pod"] = self.wl.ref
         d = plan_inbound_inpod(pi.registry, self.wl, req.local_addr[0], req.peer_addr[0], req.peer_identities,
                                req.dest, authz=pi.authz)
-        if isinstance(d, Reject):
-            leg.extra["reason"] = d.reason
-            pi.legs.record(leg, str(d.status))
-            return d.status or 400
-        leg.dst_id = d.dst.identity
-        leg.up_dst = addr(d.target)
-        if d.from_waypoint:
-            leg.extra["via_waypoint"] = True
-        source, transparent = pi.spoof(d.source_ip)
-        sock = client_socket(d.target, source, transparent, make=self.make)
-        try:
-            up = await tcp_connect(d.target, sock=sock, timeout=pi.cfg.connect_timeout)
-        except (OSError, TimeoutError) as e:
-            sock.close()
-            leg.extra["error"] = str(e)[:200]
-            pi.legs.record(leg, "503")
-            return 503
-        return pi.legs.park(req, leg, up)
+        return await serve_inbound(pi, req, d, make=self.make, pod=self.wl.ref)
 
     async def _resolve(self, data: bytes, _peer: str) -> bytes | None:
         """The DNS proxy (ZDNS ``server.rs``): Service names from the registry, the rest
