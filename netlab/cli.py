@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Send a real request from a pod, capture it on every interface of every namespace "
                                    "it may cross, join the proxies' connection legs, and print the hops in order "
                                    "(namespace, interface, direction, addresses, Geneve VNI, iptables rules that "
-                                   "matched, ip rule/table, proxy leg). Exit 0 when the hops match the topology's "
+                                   "matched, ip rule/table, proxy leg). Exit 0 when the hops match the path's (its inpod: one in an inpod lab) "
                                    "hop contract, 1 when they do not (naming the first hop that diverged).")
     lab_opt(s)
     s.add_argument("--from", dest="src", required=True, metavar="POD", help="client pod (name or ns/name)")

@@ -8,7 +8,9 @@ lab namespace it crosses (kernel timestamps order them), the proxies' connection
 to the next by 4-tuple, iptables counters confirm which rules matched, and ``ip route get`` with
 the packet's mark names the route the kernel picks. The request carries a header
 ``x-netlab-trace: <id>`` and leaves from a source port chosen here, so it cannot be confused with
-other traffic of the lab.
+other traffic of the lab. What differs between the lab's two datapaths (where a proxy listens,
+which mark its sockets carry, when a leg has reached the app) is asked of
+:mod:`netlab.verify.datapaths`; a lab of datapath inpod is checked against its paths' inpod contracts.
 
 ``TraceResult.to_dict()`` (also what ``--json`` prints; the diagram draws from it)::
 
@@ -360,6 +362,7 @@ def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str,
     chain: list[tuple[str, ConnLeg | None]] = []
     notes: list[str] = []
     sights = _Sightings()
+    dp = datapaths.of(geo.plan)
     src: str | None = first
     visited: set[str] = set()
     while src is not None and src not in visited:
@@ -370,7 +373,7 @@ def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str,
             if leg is not None:
                 break
             sights.feed(cap.since(sights.seen))
-            if _reached_app(geo, datapaths.of(geo.plan), sights.of(src)):
+            if _reached_app(geo, dp, sights.of(src)):
                 break
             if time.monotonic() > deadline:
                 notes.append(f"the leg from {src} reached neither an application nor a proxy's connection log "
