@@ -36,7 +36,10 @@ CELL = 56  # characters of one side's column
 
 def lab_names(base: str) -> dict[str, str]:
     """``<base>-1-18`` and ``<base>-inpod``, checked as lab names (so a too long base fails early)."""
-    return {dp: check_lab_name(f"{base}-{suffix}", f"lab name {base!r} + '-{suffix}'") for dp, suffix in SIDES}
+    try:
+        return {dp: check_lab_name(f"{base}-{suffix}") for dp, suffix in SIDES}
+    except ValueError as e:
+        raise UsageError(f"--name {base!r}: with '-1-18' and '-inpod' added, {e}") from None
 
 
 def facts(hops: Sequence[ObservedHop]) -> dict[str, set[str]]:
