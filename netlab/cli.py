@@ -267,6 +267,22 @@ def cmd_trace(a: argparse.Namespace) -> int:
     return 1 if res.matched is False else 0  # 0 also when there was no contract to check
 
 
+def cmd_compare(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+    from netlab.verify import compare
+
+    cmp = compare.run(a.topology, path=a.path, base=a.name, keep=a.keep, down=Lab.down_lab,
+                      up=lambda name, dp: Lab.up(a.topology, name=name, datapath=dp))
+    if a.html:  # the two traces as two panes of one page (netlab.verify.html)
+        from netlab.verify.diagram import write_nofollow
+        from netlab.verify.html import compare_page
+
+        write_nofollow(a.html, compare_page(*((cmp.plans[dp], cmp.results[dp].to_dict(), dp) for dp, _ in compare.SIDES)))
+        print(f"wrote {a.html}", file=sys.stderr)
+    print(json.dumps(cmp.to_dict(), indent=2, ensure_ascii=False) if a.json else cmp.render())
+    return 0 if cmp.ok else 1
+
+
 def cmd_capture(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
     from netlab.verify.capture import DEFAULT_FILTER, capture
@@ -439,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Send a real request from a pod, capture it on every interface of every namespace "
                                    "it may cross, join the proxies' connection legs, and print the hops in order "
                                    "(namespace, interface, direction, addresses, Geneve VNI, iptables rules that "
-                                   "matched, ip rule/table, proxy leg). Exit 0 when the hops match the topology's "
+                                   "matched, ip rule/table, proxy leg). Exit 0 when the hops match the path's (its inpod: one in an inpod lab) "
                                    "hop contract, 1 when they do not (naming the first hop that diverged).")
     lab_opt(s)
     s.add_argument("--from", dest="src", required=True, metavar="POD", help="client pod (name or ns/name)")
@@ -452,6 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write one self-contained page: the drawing beside the numbered hops; hover or click "
                         "a hop for its rules, marks, route, encapsulation and proxy leg; a step control walks them")
     s.set_defaults(func=cmd_trace)
+
+    s = sub.add_parser("compare", help="one request through both datapaths (istio-1.18 and inpod), side by side",
+                       description="Bring TOPOLOGY up twice, as <lab>-1-18 and <lab>-inpod, trace the same path in "
+                                   "each (against that datapath's contract), print the two hop lists side by side "
+                                   "with what disappeared and what appeared (devices, rules, marks, tables, "
+                                   "listeners), and tear both labs down. Exit 1 if either trace misses its contract.",
+                       epilog="example: sudo netlab compare sidecar-to-ambient --path S3 --html s3.html")
+    s.add_argument("topology", help="a shipped topology name or a YAML file")
+    s.add_argument("--path", default=None, help="the topology path to send (default: its first)")
+    s.add_argument("--name", default=None, help="base lab name (default: the topology's name)")
+    s.add_argument("--keep", action="store_true", help="leave both labs up (trace, capture or diagram them further)")
+    s.add_argument("--json", action="store_true", help="both traces, the aligned rows, disappeared/appeared as JSON")
+    s.add_argument("--html", metavar="FILE.html", default=None, help="also write both traces as two panes of one page")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("capture", help="capture lab interfaces to pcapng (one interface per <netns>/<iface>)",
                        description="Capture while CMD runs (or until Ctrl-C) and write pcapng whose interfaces are "

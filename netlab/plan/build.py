@@ -111,8 +111,8 @@ def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "user
         policies=tuple(PolicyInfo(p.name, p.namespace, p.action, tuple(_principal(x) for x in p.from_),
                                   tuple(p.to_ports)) for p in topo.policies),
         paths=tuple(PathInfo(p.name, p.from_, p.to, p.url, p.expect_status, p.expect_body, p.source_seen,
-                             tuple(HopInfo(h.n, h.at, h.iface, h.dir, h.port, h.listener, tuple(h.rules), h.table, h.what)
-                                   for h in p.hops)) for p in topo.paths),
+                             tuple(HopInfo(h.n, h.at, h.iface, h.dir, h.port, h.listener, tuple(h.rules), h.table, h.what, h.absent)
+                                   for h in p.hops)) for p in (x.for_datapath(topo.datapath) for x in topo.paths)),
     )
 
 

@@ -360,6 +360,7 @@ class HopInfo:
     rules: tuple[str, ...] = ()
     table: int | None = None
     what: str = ""
+    absent: bool = False
 
 
 @dataclass(frozen=True)

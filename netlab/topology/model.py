@@ -244,6 +244,8 @@ class Hop(_Model):
     listener: str | None = Field(default=None, description="proxy listener that accepted the leg: ztunnel:15001, sidecar:15006, waypoint:15008")
     rules: list[str] = Field(default_factory=list, description="iptables rule refs that must have matched here, e.g. '§1.5 mangle ztunnel-PREROUTING #15'")
     table: int | None = Field(default=None, description="route table the kernel picked here (254 = main)")
+    absent: bool = Field(default=False, description="true: no hop like this may be in the trace (a path that must "
+                                                    "not cross a place, e.g. the waypoint under inpod's S3)")
     what: str = ""
 
     @model_validator(mode="after")
@@ -259,6 +261,13 @@ class Hop(_Model):
         return self
 
 
+class PathVariant(_Model):
+    """A request path's contract under another datapath than the seed's (``paths[].inpod``)."""
+
+    source_seen: Literal["client", "waypoint", "local"] | None = None
+    hops: list[Hop] = Field(default_factory=list)
+
+
 class RequestPath(_Model):
     """A request the topology exists to show, with its hop contract (checked by `netlab trace`)."""
 
@@ -270,6 +279,16 @@ class RequestPath(_Model):
     expect_body: str | None = None
     source_seen: Literal["client", "waypoint", "local"] = "client"
     hops: list[Hop] = Field(default_factory=list)
+    inpod: PathVariant | None = Field(default=None, description="the same request under datapath inpod: its own hop "
+                                                                "contract and what the app sees (reference §5)")
+
+    def for_datapath(self, datapath: str) -> RequestPath:
+        """This path as a lab of ``datapath`` promises it: ``hops`` and ``source_seen`` are the
+        seed's (istio-1.18); under inpod those of ``inpod`` (no inpod contract: no hops to check)."""
+        if datapath != "inpod":
+            return self.model_copy(update={"inpod": None})
+        v = self.inpod or PathVariant(source_seen=self.source_seen)
+        return self.model_copy(update={"hops": v.hops, "source_seen": v.source_seen or self.source_seen, "inpod": None})
 
 
 class Network(_Model):

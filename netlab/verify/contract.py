@@ -46,6 +46,8 @@ class MatchResult:
 
 def describe(h: Hop) -> str:
     """One line for an expected hop, in the contract's own words."""
+    if h.absent:
+        return "no " + describe(h.model_copy(update={"absent": False}))
     if h.listener:
         s = f"{h.at} listener {h.listener}"
     else:
@@ -101,6 +103,8 @@ def match(expected: Sequence[Hop], observed: Sequence[ObservedHop]) -> MatchResu
     pairs: list[tuple[Hop, ObservedHop]] = []
     cur = 0
     for h in expected:
+        if h.absent:  # checked below, against the whole trace
+            continue
         for i in range(cur, len(observed)):
             if mismatch(h, observed[i]) is None:
                 observed[i].seed_n = h.n
@@ -109,6 +113,10 @@ def match(expected: Sequence[Hop], observed: Sequence[ObservedHop]) -> MatchResu
                 break
         else:
             return MatchResult(False, pairs, _diverge(h, observed[cur:]))
+    for h in expected:
+        seen = next((o for o in observed if h.absent and mismatch(h, o) is None), None)
+        if seen is not None:
+            return MatchResult(False, pairs, Divergence(h, seen, "the contract says this hop does not happen"))
     return MatchResult(True, pairs, None)
 
 

@@ -77,8 +77,9 @@ class Geography:
             for ns, name in ((link.netns, link.name), (link.peer_netns, link.peer_name)):
                 if ns and name and self.place(ns).kind != "fabric":
                     out.add((ns, name))
+        inpod = self.plan.datapath == "inpod"  # ztunnel listens in each enrolled pod, reached over lo
         for p in self.plan.pods:
-            if p.mode in ("sidecar", "waypoint"):
+            if p.mode in ("sidecar", "waypoint") or (inpod and p.mode == "ambient"):
                 out.add((p.netns, "lo"))
         return sorted(out)
 

@@ -217,7 +217,8 @@ def pane_html(plan: Any, trace: dict[str, Any], *, uid: str, label: str | None =
     if stack is None:
         stack = fig.width > STACK_WIDTH
     meta = (f"HTTP {trace.get('status') or '-'} · {trace.get('elapsed_ms', '?')} ms · lab {trace.get('lab', plan.lab)} "
-            f"· topology {plan.topology} · tunnel {plan.tunnel} · trace {trace.get('trace_id', '')}")
+            f"· topology {plan.topology} · " + ("datapath inpod" if plan.datapath == "inpod" else f"tunnel {plan.tunnel}")
+            + f" · trace {trace.get('trace_id', '')}")
     out = [f'<section class="pane{" stack" if stack else ""}" tabindex="0" data-uid="{_e(uid)}">',
            (f"<h1>{_e((label + ': ') if label else '')}{_e(trace.get('from'))} → {_e(trace.get('to'))}"
             f"{_e(trace.get('url') or '')}</h1>"),

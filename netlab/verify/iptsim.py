@@ -111,6 +111,13 @@ class Ruleset:
                 nf = int(opts.get("nfmask", ["0xffffffff"])[0], 0)
                 ct = int(opts.get("ctmask", ["0xffffffff"])[0], 0)
                 p.connmark = (p.connmark & ~ct) | (p.mark & nf)
+            elif name == "CONNMARK" and "restore-mark" in opts:  # in-pod §1.4 mangle ISTIO_OUTPUT #1
+                nf = int(opts.get("nfmask", ["0xffffffff"])[0], 0)
+                ct = int(opts.get("ctmask", ["0xffffffff"])[0], 0)
+                p.mark = (p.mark & ~nf) ^ (p.connmark & ct)
+            elif name == "CONNMARK" and ("set-xmark" in opts or "set-mark" in opts):  # in-pod §1.4 mangle ISTIO_PRERT #1
+                v, m = _vm(opts.get("set-xmark") or opts["set-mark"])
+                p.connmark = (p.connmark & ~m) ^ v
             elif name == "RETURN":
                 return "return"
             elif name == "ACCEPT":
@@ -255,8 +262,9 @@ class RouteAnswer:
     local: bool
 
 
-def route_get(plan: Plan, netns: str, dst: str, src: str, iif: str, mark: int) -> RouteAnswer:
-    cmd = ["ip", "-o", "-n", netns, "route", "get", dst, "from", src, "iif", iif]
+def route_get(plan: Plan, netns: str, dst: str, src: str, iif: str | None, mark: int) -> RouteAnswer:
+    """The route of a packet received on ``iif``, or (``iif`` None) sent by a local socket."""
+    cmd = ["ip", "-o", "-n", netns, "route", "get", dst, "from", src] + (["iif", iif] if iif else [])
     if mark:
         cmd += ["mark", hex(mark)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=5)

@@ -151,7 +151,10 @@ def _model(plan: Any, hops: Sequence[Hop]) -> list[_NodeModel]:
                     hc = Chip((node.netns, peer), peer, "host-top", "tunnel" if tun else "iface",
                               tunnel_tip(node.netns, peer) if tun else f"{peer} in {node.netns}: veth to {pod.ref}")
                 cols.append(_Column(pc, hc))
-            ports = dict(PROXY_PORTS.get(pod.mode, ()))
+            kind = pod.mode  # in-pod, ztunnel listens inside each enrolled pod, not in its own (reference §3.2)
+            if plan.datapath == "inpod":
+                kind = {"ambient": "ztunnel", "ztunnel": ""}.get(kind, kind)
+            ports = dict(PROXY_PORTS.get(kind, ()))
             for n, h in seen.get(pod.netns, {}).items():
                 if n.startswith("listen:"):
                     word = str((h.get("proxy") or {}).get("listener") or "").rpartition(":")[0]
@@ -177,7 +180,8 @@ def _model(plan: Any, hops: Sequence[Hop]) -> list[_NodeModel]:
 def layout(plan: Any, hops: Sequence[Hop] = (), title: str | None = None) -> Figure:
     """The whole figure: boxes, chips, wires, then the trace's arrows and numbered badges."""
     hops = [h for h in hops if isinstance(h, dict)]
-    fig = Figure(0, 0, title or f"{plan.lab} (topology {plan.topology}, tunnel {plan.tunnel})", hops=list(hops))
+    fig = Figure(0, 0, title or f"{plan.lab} (topology {plan.topology}, " + (
+        "datapath inpod)" if plan.datapath == "inpod" else f"tunnel {plan.tunnel})"), hops=list(hops))
     nodes = _model(plan, hops)
     routes = _plan_routes(nodes, hops, plan)
     # one lane per route of a band is an upper bound (lanes are shared once x is known)

@@ -8,7 +8,9 @@ lab namespace it crosses (kernel timestamps order them), the proxies' connection
 to the next by 4-tuple, iptables counters confirm which rules matched, and ``ip route get`` with
 the packet's mark names the route the kernel picks. The request carries a header
 ``x-netlab-trace: <id>`` and leaves from a source port chosen here, so it cannot be confused with
-other traffic of the lab.
+other traffic of the lab. What differs between the lab's two datapaths (where a proxy listens,
+which mark its sockets carry, when a leg has reached the app) is asked of
+:mod:`netlab.verify.datapaths`; a lab of datapath inpod is checked against its paths' inpod contracts.
 
 ``TraceResult.to_dict()`` (also what ``--json`` prints; the diagram draws from it)::
 
@@ -64,7 +66,7 @@ from netlab.netns import in_netns
 from netlab.plan.types import Plan, PodInfo
 from netlab.state import ConnLeg, StateDir
 from netlab.topology.model import RequestPath
-from netlab.verify import iptsim
+from netlab.verify import datapaths, iptsim
 from netlab.verify.contract import Divergence, describe, find_contract, match, plan_contracts
 from netlab.verify.hops import Geography, ObservedHop, Seg, parse_frame
 from netlab.verify.labview import LabView
@@ -269,7 +271,7 @@ class _Sightings:
         return out
 
 
-def _reached_app(geo: Geography, sightings: list[tuple[Any, Seg]]) -> bool:
+def _reached_app(geo: Geography, dp: datapaths.Datapath, sightings: list[tuple[Any, Seg]]) -> bool:
     """Positive evidence that a leg ended at an application: its SYN entered a pod that has no
     proxy, or the loopback of a sidecar pod from the sidecar's inbound address 127.0.0.6. (Absence
     of a proxy line proves nothing: the capture thread may simply not have read the frame yet.)"""
@@ -277,7 +279,7 @@ def _reached_app(geo: Geography, sightings: list[tuple[Any, Seg]]) -> bool:
         if c.direction != "in" or seg.encap is not None:
             continue
         place = geo.place(c.netns)
-        if place.kind == "pod" and place.mode != "sidecar":
+        if dp.reaches_app(place, c.iface, seg.dport):
             return True
         if place.kind == "pod" and c.iface == "lo" and seg.src == "127.0.0.6":
             return True
@@ -360,6 +362,7 @@ def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str,
     chain: list[tuple[str, ConnLeg | None]] = []
     notes: list[str] = []
     sights = _Sightings()
+    dp = datapaths.of(geo.plan)
     src: str | None = first
     visited: set[str] = set()
     while src is not None and src not in visited:
@@ -370,7 +373,7 @@ def _follow(geo: Geography, cap: Capture, legs: LegLog, first: str,
             if leg is not None:
                 break
             sights.feed(cap.since(sights.seen))
-            if _reached_app(geo, sights.of(src)):
+            if _reached_app(geo, dp, sights.of(src)):
                 break
             if time.monotonic() > deadline:
                 notes.append(f"the leg from {src} reached neither an application nor a proxy's connection log "
@@ -397,10 +400,13 @@ def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tupl
     rulesets: dict[str, iptsim.Ruleset] = {}
     route_jobs: list[tuple[ObservedHop, Any]] = []
     prev_leg: ConnLeg | None = None
+    dp = datapaths.of(plan)
     for i, (src, leg) in enumerate(chain):
         uid, gid = _proc_ids(plan, prev_leg.component if prev_leg else None)
         orig_dst = prev_leg.up_dst if prev_leg else _ep(first_ip, first_port)
+        sender = dp.sender(prev_leg)
         done_ns: set[str] = set()
+        sent: dict[str, iptsim.Pkt] = {}  # netns -> the SYN as its OUTPUT left it, if sent over lo
         seen = sights.of(src)
         for c, seg in seen:
             place = geo.place(c.netns)
@@ -415,14 +421,18 @@ def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tupl
                 h.encap = {"type": "geneve", "vni": tun.vni, "outer_src": None, "outer_dst": tun.remote}
                 h.what = f"tunnel device (VNI {tun.vni}, remote {tun.remote})"
             if seg.encap is None and c.netns not in done_ns and c.netns in geo.places:
-                job = _evaluate(plan, geo, rulesets, saves, h, seg, uid, gid, orig_dst, pool)
+                job = _evaluate(plan, geo, rulesets, saves, h, seg, uid, gid, orig_dst, pool, sender, sent)
                 if job is not None:
                     route_jobs.append((h, job))
                 if h.dir == "in" or c.iface != "lo" or h.rules:
                     done_ns.add(c.netns)
+            elif c.iface == "lo" and h.dir == "in" and c.netns in sent:  # the same SYN back in over lo
+                reply = dp.looped(rulesets[c.netns], h, sent.pop(c.netns), pool)
+                if reply is not None:
+                    route_jobs.append((h, (None, reply)))
             hops.append(h)
         if leg is not None:
-            netns = _netns_of_component(plan, leg.component)
+            netns = dp.proxy_netns(leg)
             place = geo.place(netns)
             proxy: dict[str, Any] = {k: getattr(leg, k) for k in _PROXY_FIELDS}
             proxy["extra"] = leg.extra or None
@@ -437,8 +447,9 @@ def _build_hops(plan: Plan, geo: Geography, sights: _Sightings, chain: list[tupl
     # the 5-ish `ip route get` calls run in parallel; then confirm simulated rules by counters
     for h, (pkt, fut) in route_jobs:
         ans: iptsim.RouteAnswer = fut.result()
-        h.table, h.route = ans.table, ans.text
-        _after_routing(rulesets[h.netns], h, pkt, ans)
+        h.table, h.route = ans.table, ans.text if pkt is not None else f"replies: {ans.text}"
+        if pkt is not None:
+            _after_routing(rulesets[h.netns], h, pkt, ans)
     _fill_tunnel_outer(hops)
     for h in hops:
         sim, h.rules = h.rules, []
@@ -465,24 +476,20 @@ def _denial(leg: dict[str, Any]) -> str | None:
     return f"DENIED by {why} ({extra.get('rbac', 'rbac')}) at {leg.get('component')} {leg.get('listener')}: {leg.get('outcome')}"
 
 
-def _netns_of_component(plan: Plan, component: str) -> str:
-    for p in plan.processes:
-        if p.name == component:
-            return p.netns
-    return component
-
-
 def _evaluate(plan: Plan, geo: Geography, rulesets: dict[str, iptsim.Ruleset], saves: dict[str, str], h: ObservedHop, seg: Seg,
-              uid: int, gid: int, orig_dst: str, pool: ThreadPoolExecutor) -> Any:
+              uid: int, gid: int, orig_dst: str, pool: ThreadPoolExecutor, sender: tuple[str, int],
+              sent: dict[str, iptsim.Pkt]) -> Any:
     """Replay the namespace's hooks for this SYN: received (PREROUTING, route, FORWARD/INPUT,
-    POSTROUTING) or sent by a local process (OUTPUT, POSTROUTING). Returns a route future or None."""
+    POSTROUTING) or sent by a local process (OUTPUT, POSTROUTING; ``sender``: the netns and
+    SO_MARK of a proxy socket whose source is not local, :meth:`Datapath.sender`; a SYN sent
+    over lo is kept in ``sent`` for its way back in). Returns a route future or None."""
     ns = h.netns
     rs = rulesets.get(ns)
     if rs is None:
         rs = rulesets[ns] = iptsim.Ruleset.from_save(plan, ns, saves.get(ns, ""))
     place = geo.place(ns)
     hits: list[str] = []
-    locally_sent = h.dir == "out" and seg.src in geo.local_ips.get(ns, set()) | {"127.0.0.6"}
+    locally_sent = h.dir == "out" and (seg.src in geo.local_ips.get(ns, set()) | {"127.0.0.6"} or ns == sender[0])
     if h.dir == "in" and h.iface != "lo":
         p = iptsim.Pkt(iif=h.iface, oif=None, src=seg.src, dst=seg.dst, dport=seg.dport)
         v = rs.run("mangle", "PREROUTING", p, hits)
@@ -499,11 +506,14 @@ def _evaluate(plan: Plan, geo: Geography, rulesets: dict[str, iptsim.Ruleset], s
         odip, _, odport = orig_dst.rpartition(":")
         oif = "lo" if odip.startswith("127.") or odip in geo.local_ips.get(ns, set()) else (h.iface if h.iface != "lo" else "eth0")
         p = iptsim.Pkt(iif=None, oif=oif, src=seg.src, dst=odip or seg.dst,
-                       dport=int(odport) if odport.isdigit() else seg.dport, uid=uid, gid=gid)
+                       dport=int(odport) if odport.isdigit() else seg.dport, uid=uid, gid=gid,
+                       mark=sender[1] if ns == sender[0] else 0)
         rs.run("mangle", "OUTPUT", p, hits)
         rs.run("nat", "OUTPUT", p, hits)
         h.mark = p.mark or None
         h.rules = hits
+        if h.iface == "lo":
+            sent[ns] = p
     return None
 
 

@@ -10,10 +10,12 @@
   expectations of tests/reference_inpod_expect.py; and no 1.18 node object anywhere (no
   geneve/tap device, no ztunnel-pods-ips, no ip rules 100-103, no tables 100-102, no TPROXY);
 * DNS capture: a name ztunnel does not know leaves the pod in conntrack zone 1 for kube-dns;
-* status, rules, stats and logs of an inpod lab.
+* status, rules, stats and logs of an inpod lab;
+* every path traced against its inpod hop contract (the contracts are in the topology files).
 
 Expectations of what each request shows are the inpod reference's packet walks (§5, §6.2),
-written here by hand, not read from the topology files (whose hop contracts are 1.18's).
+written here by hand, not read from the topology files (whose `paths[].inpod` hop contracts the
+last test checks).
 """
 
 from __future__ import annotations
@@ -250,3 +252,18 @@ def test_status_rules_stats_logs(lab: Lab) -> None:
         assert any(line for line in lab.logs(f"istio-cni-{amb.node}", lines=5))
     stats = lab.stats()
     assert {p["name"] for p in stats["processes"]} == {p.name for p in lab.plan.processes}
+
+
+def test_every_path_follows_its_inpod_hop_contract(lab: Lab) -> None:
+    """`netlab trace` of each path of the topology matches the path's inpod contract (reference
+    §5's walks, numbered like the seed); S3's says the waypoint's node and listener never appear."""
+    from netlab.verify.trace import trace
+
+    failures = []
+    for path in lab.plan.paths:
+        res = trace(lab, path.from_, path.to, contract=path.name)
+        if not path.hops or not res.matched or res.status != 200:
+            failures.append(f"{path.name}: {len(path.hops)} contract hops, status {res.status}, matched {res.matched}: "
+                            f"{res.divergence or res.error}\n{res.render()}")
+        assert not any(h.at.startswith("ztunnel:") for h in res.hops), res.render()  # nothing in ztunnel's own netns
+    assert not failures, "\n\n".join(failures)

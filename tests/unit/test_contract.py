@@ -174,6 +174,10 @@ def test_the_plan_carries_the_hop_contracts_through_plan_json(tmp_path) -> None:
     f.unlink()
     saved = Plan.from_dict(json.loads(plan_json(plan)))
     assert saved == plan and [p.name for p in saved.paths] == ["S2", "S3"]
-    assert plan_contracts(saved) == list(topo.paths)
+    assert plan_contracts(saved) == [p.for_datapath("istio-1.18") for p in topo.paths]
+    inpod = build_plan(topo, source=str(f), datapath="inpod")  # the same paths, their inpod contracts
+    assert plan_contracts(Plan.from_dict(json.loads(plan_json(inpod)))) == [p.for_datapath("inpod") for p in topo.paths]
+    assert [h.n for h in plan_contracts(inpod)[1].hops] == ["1", "2", "3", "4", "5", "7", "8", "9", "9", "w1", "w3"]
+    assert [h.absent for h in plan_contracts(inpod)[1].hops][-2:] == [True, True]
     s3 = find_contract(plan_contracts(saved), name=None, src="foo/sleep", dst="helloworld.bar-2:5000")
     assert s3 is not None and s3.name == "S3" and [h.n for h in s3.hops][4:8] == ["w1", "w2", "w3", "w4"]

@@ -144,6 +144,20 @@ def test_listener_seen_in_a_pod_without_a_proxy_gets_its_chip() -> None:
     assert sorted(fig.anchors) == [1, 2, 3] and len(fig.arrows) == 2
 
 
+def test_an_inpod_lab_draws_ztunnels_listeners_in_the_enrolled_pods() -> None:
+    """Under inpod ztunnel's 15001/15006/15008 are sockets in each enrolled pod (reference §3.2),
+    none in ztunnel's own netns; the title says the datapath, not a tunnel that does not exist."""
+    plan = build_plan(load_topology("ambient-to-ambient"), lab="hc-u", tunnel="userspace", datapath="inpod")
+    fig = layout(plan)
+    ports = {p: {k[1] for k in fig.chips if k[0] == plan.pod(p).netns and k[1].startswith("listen:")}
+             for p in ("foo/sleep", "bar/httpbin", "istio-system/ztunnel-node-a")}
+    assert ports == {"foo/sleep": {"listen:15001", "listen:15006", "listen:15008"},
+                     "bar/httpbin": {"listen:15001", "listen:15006", "listen:15008"}, "istio-system/ztunnel-node-a": set()}
+    assert "datapath inpod" in fig.title and "tunnel" not in fig.title
+    seed = layout(plan_of("ambient-to-ambient"))
+    assert (plan_of("ambient-to-ambient").pod("istio-system/ztunnel-node-a").netns, "listen:15008") in seed.chips
+
+
 def test_png_and_bad_suffix(tmp_path: Path) -> None:
     svg = diagram.figure_svg(plan_of("ambient-to-sidecar"))
     with pytest.raises(Exception, match=r"\.svg, \.png or \.pdf"):
