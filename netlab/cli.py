@@ -164,6 +164,43 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    res = Lab.attach(a.lab).label(a.target, a.label)
+    if a.json:
+        print(json.dumps(res, indent=2))
+    else:
+        modes = ", ".join(f"{ref} {m['from']} -> {m['to']}" for ref, m in res["modes"].items()) or "no pod changed mode"
+        print(f"lab {res['lab']}: {res['change']}: {modes}; {len(res['added'])} objects added, "
+              f"{len(res['removed'])} removed")
+        for z in res["zds"]:
+            print(f"  ZDS {z['op']} {z['pod']} on {z['node']}: {z['error'] or 'acked'}")
+    return 0 if res["ok"] else 1
+
+
+LABEL_HELP = """\
+Change a label of a running lab and do what istio-cni and istiod do about it, with no pod
+restarted (every process keeps its PID):
+
+  netlab label namespace/legacy istio.io/dataplane-mode=ambient    enrol every pod of legacy
+  netlab label namespace/legacy istio.io/dataplane-mode-           unenrol them
+  netlab label pod/legacy/sleep istio.io/dataplane-mode=none       (inpod) keep one pod out
+  netlab label namespace/bar istio.io/use-waypoint=waypoint        (inpod) bind bar's Services
+
+istio-1.18 (reference §3): enrolling adds the pod's entry in its node's ztunnel-pods-ips ipset,
+its table-100 route and rp_filter=0 on its veth; unenrolling deletes the entry and the route.
+inpod (inpod reference §2.3): the pod's own iptables, ip rule and route, then ZDS AddWorkload to
+its node's ztunnel (through the istio-cni node agent), then the probe ipset; unenrolling undoes
+that in reverse order (ipset entry, rules, DelWorkload). The proxies see the change at their
+next connection. `netlab status` shows every pod's mode; `netlab rules NODE|POD` the rules.
+
+Only istio.io/dataplane-mode and istio.io/use-waypoint act live. A change that needs more
+(sidecar injection, the first ambient namespace of a lab with no ztunnel) is refused: in a
+cluster it takes a pod restart or an install. Exit 1 if ztunnel did not ack a ZDS request.
+"""
+
+
 def cmd_plan(a: argparse.Namespace) -> int:
     from netlab.plan.build import build_plan
     from netlab.plan.render import render_text
@@ -402,6 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "processes:[{name,kind,state,pid,restarts,last_exit}], nodes:[{name,netns,ip}], "
                         "pods:[{name,namespace,node,netns,ip,mode}], services:[{name,namespace,vip,port,target_port}]}")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("label", help="change a namespace's or pod's label live: enrol/unenrol without restarts",
+                       description=LABEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("target", metavar="namespace/NS|pod/NS/NAME")
+    s.add_argument("label", metavar="KEY=VALUE|KEY-")
+    lab_opt(s)
+    s.add_argument("--json", action="store_true",
+                   help="JSON: {lab, change, datapath, modes:{pod:{from,to}}, added:[...], removed:[...], "
+                        "zds:[{node,op,pod,error}], ok}")
+    s.set_defaults(func=cmd_label)
 
     s = sub.add_parser("plan", help="print what `up` would create, without root",
                        description="Print the plan: every netns, link, address, route, ip rule, sysctl, ipset, "

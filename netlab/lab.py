@@ -294,6 +294,17 @@ class Lab:
                           "target_port": s.target_port} for s in p.services],
         }
 
+    def label(self, target: str, assignment: str) -> dict[str, Any]:
+        """``netlab label``: set (``KEY=VALUE``) or remove (``KEY-``) a label of ``namespace/NS``
+        or ``pod/NS/NAME`` live, doing what istio-cni and istiod do about it, no process restarted
+        (:mod:`netlab.mesh.relabel`). Returns what changed; ``self.plan`` is the new plan."""
+        from netlab.mesh.relabel import relabel
+        from netlab.plan.relabel import parse_change
+
+        res = relabel(self.name, parse_change(target, assignment))
+        self.plan = ledger.read_plan(self.name)
+        return res
+
     def pod(self, ref: str) -> PodInfo:
         try:
             return self.plan.pod(ref)

@@ -59,6 +59,7 @@ LOGS = "logs"
 LOG_SUFFIX = ".log"
 REQUESTS = "requests"
 REGISTRY = "registry.json"
+LABELS = "labels.json"  # the label changes `netlab label` made since `up` (netlab.mesh.relabel)
 CA = "ca"
 CONN = "conn"
 CONN_SUFFIX = ".jsonl"
@@ -145,6 +146,10 @@ class StateDir:
     @property
     def registry(self) -> Path:
         return self.path / REGISTRY
+
+    @property
+    def labels(self) -> Path:
+        return self.path / LABELS
 
     @property
     def ca(self) -> Path:
@@ -285,6 +290,6 @@ class ConnLeg:
 _CONN_LEG_FIELDS = tuple(f.name for f in dataclasses.fields(ConnLeg))
 
 __all__ = ["CA", "CONN", "CONN_ROTATED_SUFFIX", "CONN_SUFFIX", "DEFAULT_RUN_DIR", "LEDGER", "LOCK", "LOGS",
-           "LOG_SUFFIX", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
+           "LABELS", "LOG_SUFFIX", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
            "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "ZDS", "ZDS_CONTROL_SUFFIX", "ZDS_SUFFIX", "ConnLeg", "StateDir", "lab_dir",
            "lab_names", "read_lock", "read_record", "run_dir", "write_lock_text", "write_record"]
