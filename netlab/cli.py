@@ -132,9 +132,12 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"{'NODE':<14} {'NETNS':<36} IP")
     for n in st["nodes"]:
         print(f"{n['name']:<14} {n['netns']:<36} {n['ip']}")
-    print(f"\n{'POD':<30} {'MODE':<9} {'NODE':<10} {'IP':<14} NETNS")
+    print(f"\n{'POD':<30} {'MODE':<9} {'READY':<6} {'NODE':<10} {'IP':<14} NETNS")
     for p in st["pods"]:
-        print(f"{p['namespace'] + '/' + p['name']:<30} {p['mode']:<9} {p['node']:<10} {p['ip']:<14} {p['netns']}")
+        ready = "-" if "ready" not in p else "yes" if p["ready"] else "no"
+        if p.get("live") is False:
+            ready += "!"  # a failing liveness probe (the lab restarts nothing)
+        print(f"{p['namespace'] + '/' + p['name']:<30} {p['mode']:<9} {ready:<6} {p['node']:<10} {p['ip']:<14} {p['netns']}")
     if st["services"]:
         print(f"\n{'SERVICE':<30} {'VIP':<14} PORT")
         for s in st["services"]:
@@ -437,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true",
                    help="JSON: {lab, topology, datapath, tunnel, health, problems:[...], supervisor:{pid,state}, "
                         "processes:[{name,kind,state,pid,restarts,last_exit}], nodes:[{name,netns,ip}], "
-                        "pods:[{name,namespace,node,netns,ip,mode}], services:[{name,namespace,vip,port,target_port}]}")
+                        "pods:[{name,namespace,node,netns,ip,mode[,ready,live,probes]}] (ready/live: the kubelet stand-in's "
+                        "readiness/liveness verdict, for pods with probes), services:[{name,namespace,vip,port,target_port}]}")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("label", help="change a namespace's or pod's label live: enrol/unenrol without restarts",

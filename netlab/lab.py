@@ -279,8 +279,22 @@ class Lab:
                 "supervisor": {"pid": sup.get("pid"), "state": "running" if sup["alive"] else "dead"},
                 "processes": procs}
 
+    def probe_states(self) -> dict[str, dict[str, Any]]:
+        """Per pod with probes: ``ready`` / ``live`` (bool: as the node's kubelet stand-in last
+        judged) and ``probes`` (each probe's last result), from the kubelets' status files."""
+        from netlab.mesh.kubelet import read_status
+
+        out: dict[str, dict[str, Any]] = {}
+        for n in self.plan.nodes:
+            for pr in read_status(self.files, n.name):
+                d = out.setdefault(pr["pod"], {"probes": []})
+                d["ready" if pr["kind"] == "readiness" else "live"] = bool(pr["passing"])
+                d["probes"].append({k: pr.get(k) for k in ("kind", "port", "path", "passing", "failures", "last")})
+        return out
+
     def status(self) -> dict[str, Any]:
         p = self.plan
+        probes = self.probe_states()
         return {
             "lab": p.lab,
             "topology": p.topology,
@@ -289,7 +303,7 @@ class Lab:
             **self.health(),
             "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr} for n in p.nodes],
             "pods": [{"name": x.name, "namespace": x.namespace, "node": x.node, "netns": x.netns, "ip": x.ip,
-                      "mode": x.mode} for x in p.pods],
+                      "mode": x.mode, **probes.get(x.ref, {})} for x in p.pods],
             "services": [{"name": s.name, "namespace": s.namespace, "vip": s.vip, "port": s.port,
                           "target_port": s.target_port} for s in p.services],
         }
