@@ -294,7 +294,16 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from netlab.verify.trace import trace
 
     lab = Lab.attach(a.lab)
-    res = trace(lab, a.src, a.dst, a.url, contract=a.contract)
+    if a.probe:  # one kubelet probe from the pod's node (netlab.verify.probetrace)
+        from netlab.verify.probetrace import trace_probe
+
+        if a.src or a.dst or a.contract:
+            raise UsageError("--probe POD traces a kubelet probe: leave out --from, --to and --contract")
+        res = trace_probe(lab, a.probe, a.probe_kind)
+    elif not (a.src and a.dst):
+        raise UsageError("give --from POD --to HOST[:PORT] (a request), or --probe POD (a kubelet probe)")
+    else:
+        res = trace(lab, a.src, a.dst, a.url, contract=a.contract)
     if a.html:  # the same hops as a page: figure, list, details (netlab.verify.html)
         from netlab.verify.html import write_trace_html
 
@@ -493,11 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
                                    "matched, ip rule/table, proxy leg). Exit 0 when the hops match the topology's "
                                    "hop contract, 1 when they do not (naming the first hop that diverged).")
     lab_opt(s)
-    s.add_argument("--from", dest="src", required=True, metavar="POD", help="client pod (name or ns/name)")
-    s.add_argument("--to", dest="dst", required=True, metavar="HOST[:PORT]",
+    s.add_argument("--from", dest="src", metavar="POD", help="client pod (name or ns/name)")
+    s.add_argument("--to", dest="dst", metavar="HOST[:PORT]",
                    help="service name (<svc>.<ns>), VIP or pod IP, with the port (default 80)")
     s.add_argument("--path", dest="url", default=None, help="HTTP path to request (default: the contract's, else /)")
     s.add_argument("--contract", default=None, help="name of the topology path whose hops to check (default: by from/to)")
+    s.add_argument("--probe", metavar="POD", default=None,
+                   help="instead of a request: send POD's kubelet probe once from its node, as the node's kubelet "
+                        "stand-in does, and check it against the release's probe contract (1.18: out of the pod's "
+                        "veth by the main table, ztunnel-OUTPUT's 0x220; inpod: SNAT to 169.254.7.127 and the pod's "
+                        "ISTIO_PRERT #1 ACCEPT); exit 1 names the hop where the probe left it")
+    s.add_argument("--probe-kind", choices=("readiness", "liveness"), default="readiness",
+                   help="which probe of the pod (default readiness)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--html", metavar="FILE.html", default=None,
                    help="also write one self-contained page: the drawing beside the numbered hops; hover or click "
