@@ -134,9 +134,8 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"{n['name']:<14} {n['netns']:<36} {n['ip']}")
     print(f"\n{'POD':<30} {'MODE':<9} {'READY':<6} {'NODE':<10} {'IP':<14} NETNS")
     for p in st["pods"]:
-        ready = "-" if "ready" not in p else "yes" if p["ready"] else "no"
-        if p.get("live") is False:
-            ready += "!"  # a failing liveness probe (the lab restarts nothing)
+        # ready: the kubelet stand-in's readiness verdict; "!": a failing liveness probe (nothing restarts)
+        ready = ("-" if "ready" not in p else "yes" if p["ready"] else "no") + ("!" if p.get("live") is False else "")
         print(f"{p['namespace'] + '/' + p['name']:<30} {p['mode']:<9} {ready:<6} {p['node']:<10} {p['ip']:<14} {p['netns']}")
     if st["services"]:
         print(f"\n{'SERVICE':<30} {'VIP':<14} PORT")
@@ -171,37 +170,12 @@ def cmd_label(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
     res = Lab.attach(a.lab).label(a.target, a.label)
-    if a.json:
-        print(json.dumps(res, indent=2))
-    else:
-        modes = ", ".join(f"{ref} {m['from']} -> {m['to']}" for ref, m in res["modes"].items()) or "no pod changed mode"
-        print(f"lab {res['lab']}: {res['change']}: {modes}; {len(res['added'])} objects added, "
-              f"{len(res['removed'])} removed")
-        for z in res["zds"]:
-            print(f"  ZDS {z['op']} {z['pod']} on {z['node']}: {z['error'] or 'acked'}")
+    modes = ", ".join(f"{ref} {m['from']} -> {m['to']}" for ref, m in res["modes"].items()) or "no pod changed mode"
+    print(json.dumps(res, indent=2) if a.json else
+          "\n".join([f"lab {res['lab']}: {res['change']}: {modes}; {len(res['added'])} objects added, "
+                     f"{len(res['removed'])} removed"]
+                    + [f"  ZDS {z['op']} {z['pod']} on {z['node']}: {z['error'] or 'acked'}" for z in res["zds"]]))
     return 0 if res["ok"] else 1
-
-
-LABEL_HELP = """\
-Change a label of a running lab and do what istio-cni and istiod do about it, with no pod
-restarted (every process keeps its PID):
-
-  netlab label namespace/legacy istio.io/dataplane-mode=ambient    enrol every pod of legacy
-  netlab label namespace/legacy istio.io/dataplane-mode-           unenrol them
-  netlab label pod/legacy/sleep istio.io/dataplane-mode=none       (inpod) keep one pod out
-  netlab label namespace/bar istio.io/use-waypoint=waypoint        (inpod) bind bar's Services
-
-istio-1.18 (reference §3): enrolling adds the pod's entry in its node's ztunnel-pods-ips ipset,
-its table-100 route and rp_filter=0 on its veth; unenrolling deletes the entry and the route.
-inpod (inpod reference §2.3): the pod's own iptables, ip rule and route, then ZDS AddWorkload to
-its node's ztunnel (through the istio-cni node agent), then the probe ipset; unenrolling undoes
-that in reverse order (ipset entry, rules, DelWorkload). The proxies see the change at their
-next connection. `netlab status` shows every pod's mode; `netlab rules NODE|POD` the rules.
-
-Only istio.io/dataplane-mode and istio.io/use-waypoint act live. A change that needs more
-(sidecar injection, the first ambient namespace of a lab with no ztunnel) is refused: in a
-cluster it takes a pod restart or an install. Exit 1 if ztunnel did not ack a ZDS request.
-"""
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -380,22 +354,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-EXPORT_K8S_HELP = """\
-Write the topology's scenario for a real Kubernetes cluster with Istio, pinned to the release of
-the datapath (istio-1.18: Istio 1.18.2; inpod: Istio 1.30.3), into DIR:
+def _relabel_help() -> str:
+    from netlab.plan.relabel import LABEL_HELP
+    return LABEL_HELP
 
-  k8s.yaml     Namespaces (with their labels), ServiceAccounts, one Deployment per pod pinned to
-               its node (nodeSelector kubernetes.io/hostname), Services; built-in apps run the
-               release's Istio sample images, pods with a `command` a placeholder image
-  istio.yaml   waypoints as that release expects them, policies as AuthorizationPolicy
-  kind.yaml    a kind cluster whose workers carry the topology's node names (kubernetes.io/hostname)
-  install.sh   creates the cluster, installs Istio with the ambient profile, applies the objects
-  check.sh     sends each path's request with kubectl exec and prints, per hop of the path's
-               contract, the tcpdump command that shows it on that node
-  README.md    what needs a network, what it reproduces, what differs from the lab
 
-Exporting needs no root and no network; install.sh needs both docker and a network.
-"""
+def _export_help() -> str:
+    from netlab.export.k8s import EXPORT_K8S_HELP
+    return EXPORT_K8S_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("label", help="change a namespace's or pod's label live: enrol/unenrol without restarts",
-                       description=LABEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=_relabel_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("target", metavar="namespace/NS|pod/NS/NAME")
     s.add_argument("label", metavar="KEY=VALUE|KEY-")
     lab_opt(s)
@@ -508,10 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--path", dest="url", default=None, help="HTTP path to request (default: the contract's, else /)")
     s.add_argument("--contract", default=None, help="name of the topology path whose hops to check (default: by from/to)")
     s.add_argument("--probe", metavar="POD", default=None,
-                   help="instead of a request: send POD's kubelet probe once from its node, as the node's kubelet "
-                        "stand-in does, and check it against the release's probe contract (1.18: out of the pod's "
-                        "veth by the main table, ztunnel-OUTPUT's 0x220; inpod: SNAT to 169.254.7.127 and the pod's "
-                        "ISTIO_PRERT #1 ACCEPT); exit 1 names the hop where the probe left it")
+                   help="instead: send POD's kubelet probe once from its node and check the release's probe "
+                        "contract; exit 1 names the hop where it left it (e.g. a removed probe exemption)")
     s.add_argument("--probe-kind", choices=("readiness", "liveness"), default="readiness",
                    help="which probe of the pod (default readiness)")
     s.add_argument("--json", action="store_true")
@@ -579,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Hand a lab's scenario to a real cluster. TARGET: k8s (Kubernetes + Istio, on kind).")
     esub = s.add_subparsers(dest="target", metavar="TARGET", required=True)
     k = esub.add_parser("k8s", help="Kubernetes objects, a kind cluster file, install.sh and check.sh",
-                        description=EXPORT_K8S_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description=_export_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="examples:\n  netlab export k8s ambient-to-sidecar -o s1-k8s && s1-k8s/install.sh && s1-k8s/check.sh\n"
                                "  netlab export k8s sidecar-to-ambient --datapath inpod -o s2-current")
     k.add_argument("topology", help="a name from topologies/ (see `netlab list`) or a path to a YAML file")

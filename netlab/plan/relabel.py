@@ -33,6 +33,27 @@ LIVE_KEYS = {
     istio.LABEL_DATAPLANE_MODE: "enrol (ambient) or unenrol (anything else, or removed) without a restart",
     istio.LABEL_USE_WAYPOINT: "bind a namespace's Services to a waypoint (datapath inpod)",
 }
+LABEL_HELP = """\
+Change a label of a running lab and do what istio-cni and istiod do about it, with no pod
+restarted (every process keeps its PID):
+
+  netlab label namespace/legacy istio.io/dataplane-mode=ambient    enrol every pod of legacy
+  netlab label namespace/legacy istio.io/dataplane-mode-           unenrol them
+  netlab label pod/legacy/sleep istio.io/dataplane-mode=none       (inpod) keep one pod out
+  netlab label namespace/bar istio.io/use-waypoint=waypoint        (inpod) bind bar's Services
+
+istio-1.18 (reference §3): enrolling adds the pod's entry in its node's ztunnel-pods-ips ipset,
+its table-100 route and rp_filter=0 on its veth; unenrolling deletes the entry and the route.
+inpod (inpod reference §2.3): the pod's own iptables, ip rule and route, then ZDS AddWorkload to
+its node's ztunnel (through the istio-cni node agent), then the probe ipset; unenrolling undoes
+that in reverse order (ipset entry, rules, DelWorkload). The proxies see the change at their
+next connection. `netlab status` shows every pod's mode; `netlab rules NODE|POD` the rules.
+
+Only istio.io/dataplane-mode and istio.io/use-waypoint act live. A change that needs more
+(sidecar injection, the first ambient namespace of a lab with no ztunnel) is refused: in a
+cluster it takes a pod restart or an install. Exit 1 if ztunnel did not ack a ZDS request.
+"""
+
 #: sections a label change may add to or remove from; any other difference is refused
 LIVE_SECTIONS = ("sysctls", "ipset_entries", "ipt_chains", "ipt_rules", "routes", "rules")
 FIXED_SECTIONS = ("netns", "links", "addresses", "ipsets", "files", "processes")
