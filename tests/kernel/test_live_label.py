@@ -25,6 +25,8 @@ from netlab.mesh.nodeagent.agent import request
 from netlab.topology.load import load_topology
 from netlab.topology.model import RequestPath
 from netlab.verify.trace import trace
+from tests import reference_expect as X
+from tests import reference_inpod_expect as I
 
 pytestmark = pytest.mark.kernel
 
@@ -104,9 +106,13 @@ def test_enrol_then_unenrol_a_namespace_live(lab: Lab) -> None:
         assert sleep.ip in netns_text(node_a, "ipset", "list", ipset)
         if inpod:
             assert "legacy/sleep" in zds_pods(lab)
-            save = netns_text(sleep.netns, "iptables-legacy-save")
-            assert "-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT" in save
-            assert "fwmark 0x111/0xfff lookup 100" in netns_text(sleep.netns, "ip", "rule")
+            # the pod's rules are the reference's, in its order, as if it had been enrolled at `up`
+            for table, text in I.pod_save(dns=lab.plan.dns_capture).items():
+                got_save = netns_text(sleep.netns, "iptables-legacy-save", "-t", table)
+                assert X.normalise_save(got_save, table) == text, table
+            assert X.normalise_ip_rules(netns_text(sleep.netns, "ip", "rule", "show")) == I.pod_ip_rules()
+            routes = X.split_route_tables(netns_text(sleep.netns, "ip", "-4", "route", "show", "table", "all"))
+            assert {t: routes.get(str(t), []) for t in (100,)} == I.pod_routes()
             n = len(sleep_legs(lab, sleep.ip))
             got = curl(lab)
             legs = sleep_legs(lab, sleep.ip)
