@@ -15,6 +15,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -116,6 +117,10 @@ def test_enrol_then_unenrol_a_namespace_live(lab: Lab) -> None:
             n = len(sleep_legs(lab, sleep.ip))
             got = curl(lab)
             legs = sleep_legs(lab, sleep.ip)
+            deadline = time.monotonic() + 3  # a proxy writes the leg when the connection has ended
+            while len(legs) == n and time.monotonic() < deadline:
+                time.sleep(0.05)
+                legs = sleep_legs(lab, sleep.ip)
             assert len(legs) == n + 1 and legs[-1].listener == "outbound:15001", legs
             assert legs[-1].extra.get("pod") == "legacy/sleep" and legs[-1].outcome == "ok"
             assert got["headers"]["Host"] == "httpbin.bar:8000"
@@ -139,6 +144,7 @@ def test_enrol_then_unenrol_a_namespace_live(lab: Lab) -> None:
             assert "legacy/sleep" not in zds_pods(lab)
             n = len(sleep_legs(lab, sleep.ip))
             curl(lab)
+            time.sleep(1.0)  # (as long as a leg took to show up above, and more)
             assert len(sleep_legs(lab, sleep.ip)) == n  # not captured: no leg on node-a's ztunnel
         else:
             plain = next(p for p in load_topology("plain-to-ambient").paths if p.name == "plain-to-ambient")
@@ -161,3 +167,56 @@ def test_bad_label_requests_exit_2_and_change_nothing(lab: Lab) -> None:
         r = run(lab, "label", "--lab", lab.name, *argv)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
     assert lab.attach(lab.name).plan == plan
+
+
+KEEPALIVE = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], 8000), timeout=3)
+def get():
+    s.sendall(b"GET /ip HTTP/1.1\\r\\nHost: httpbin.bar\\r\\n\\r\\n")
+    buf = b""
+    while b"\\r\\n\\r\\n" not in buf:
+        d = s.recv(4096)
+        if not d:
+            return "EOF"
+        buf += d
+    head, _, body = buf.partition(b"\\r\\n\\r\\n")
+    n = next(int(v) for k, _, v in (ln.partition(b":") for ln in head.split(b"\\r\\n")[1:]) if k.lower() == b"content-length")
+    while len(body) < n:
+        body += s.recv(4096)
+    return head.split(b"\\r\\n")[0].decode()
+print(get(), flush=True)
+sys.stdin.readline()
+try:
+    print(get(), flush=True)
+except OSError as e:
+    print(type(e).__name__, flush=True)
+"""
+
+
+def across(lab: Lab, change: str) -> tuple[str, str]:
+    """A keep-alive connection from sleep to httpbin's VIP: its first request's status line,
+    then (after ``label namespace/legacy <change>``) its second's, or the error it got."""
+    vip = next(s.vip for s in lab.plan.services if s.name == "httpbin")
+    p = subprocess.Popen(["ip", "netns", "exec", lab.plan.pod("legacy/sleep").netns, "python3", "-c", KEEPALIVE, vip],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdin is not None and p.stdout is not None
+        first = p.stdout.readline().strip()
+        lab.label("namespace/legacy", change)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        return first, p.stdout.readline().strip()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_established_connections_across_enrol_and_unenrol(lab: Lab) -> None:
+    """What docs/live-labels.md says: an established connection is reset by enrolment on both
+    datapaths; unenrolment leaves a connection ztunnel carries running under 1.18 (its packets
+    follow connmark 0x210, not the ipset: §1.5 #8, §8 A step 8) and resets it under inpod
+    (DelWorkload shuts the pod's proxy down at once)."""
+    assert across(lab, "istio.io/dataplane-mode=ambient") == ("HTTP/1.1 200 OK", "ConnectionResetError")
+    want = "ConnectionResetError" if lab.plan.datapath == "inpod" else "HTTP/1.1 200 OK"
+    assert across(lab, "istio.io/dataplane-mode-") == ("HTTP/1.1 200 OK", want)
