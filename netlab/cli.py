@@ -134,8 +134,7 @@ def _print_status(st: dict[str, Any]) -> None:
         print(f"{n['name']:<14} {n['netns']:<36} {n['ip']}")
     print(f"\n{'POD':<30} {'MODE':<9} {'READY':<6} {'NODE':<10} {'IP':<14} NETNS")
     for p in st["pods"]:
-        # ready: the kubelet stand-in's readiness verdict; "!": a failing liveness probe (nothing restarts)
-        ready = ("-" if "ready" not in p else "yes" if p["ready"] else "no") + ("!" if p.get("live") is False else "")
+        ready = ("-" if "ready" not in p else "yes" if p["ready"] else "no") + ("!" if p.get("live") is False else "")  # (! liveness)
         print(f"{p['namespace'] + '/' + p['name']:<30} {p['mode']:<9} {ready:<6} {p['node']:<10} {p['ip']:<14} {p['netns']}")
     if st["services"]:
         print(f"\n{'SERVICE':<30} {'VIP':<14} PORT")
@@ -170,11 +169,12 @@ def cmd_label(a: argparse.Namespace) -> int:
     from netlab.lab import Lab
 
     res = Lab.attach(a.lab).label(a.target, a.label)
-    modes = ", ".join(f"{ref} {m['from']} -> {m['to']}" for ref, m in res["modes"].items()) or "no pod changed mode"
-    print(json.dumps(res, indent=2) if a.json else
-          "\n".join([f"lab {res['lab']}: {res['change']}: {modes}; {len(res['added'])} objects added, "
-                     f"{len(res['removed'])} removed"]
-                    + [f"  ZDS {z['op']} {z['pod']} on {z['node']}: {z['error'] or 'acked'}" for z in res["zds"]]))
+    modes = ", ".join([f"{ref} {m['from']} -> {m['to']}" for ref, m in res["modes"].items()]
+                      + [f"Service {ref} waypoint {w['from']} -> {w['to']}" for ref, w in res["waypoints"].items()])
+    lines = [f"lab {res['lab']}: {res['change']}: {modes or 'nothing changed'}; {len(res['added'])} objects added, "
+             f"{len(res['removed'])} removed"] + [f"  ZDS {z['op']} {z['pod']} on {z['node']}: {z['error'] or 'acked'}"
+                                                  for z in res["zds"]]
+    print(json.dumps(res, indent=2) if a.json else "\n".join(lines))
     return 0 if res["ok"] else 1
 
 

@@ -141,13 +141,15 @@ class PlanDelta:
     removed: list[Any] = field(default_factory=list)
     modes: dict[str, tuple[str, str]] = field(default_factory=dict)  # pod ref -> (old, new) mode
     positions: dict[int, int] = field(default_factory=dict)  # id(added IptRule) -> 0-based position in its chain
+    waypoints: dict[str, tuple[str, str]] = field(default_factory=dict)  # Service ref -> (old, new) waypoint ("": none)
 
     @property
     def empty(self) -> bool:
-        return not self.added and not self.removed
+        return not self.added and not self.removed and not self.waypoints
 
     def to_dict(self) -> dict[str, Any]:
         return {"modes": {k: {"from": a, "to": b} for k, (a, b) in self.modes.items()},
+                "waypoints": {k: {"from": a or None, "to": b or None} for k, (a, b) in self.waypoints.items()},
                 "added": [o.describe() for o in self.added], "removed": [o.describe() for o in self.removed]}
 
 
@@ -172,6 +174,14 @@ def plan_delta(old: Plan, new: Plan) -> PlanDelta:
             raise UsageError(f"pod {p.ref} would change more than its mode; not a live change")
         if q.mode != p.mode:
             d.modes[p.ref] = (q.mode, p.mode)
+    svc_old = {f"{x.namespace}/{x.name}": x for x in old.services}
+    for svc in new.services:  # inpod: istio.io/use-waypoint binds Services (istiod's ServiceEntry.waypoint)
+        ref = f"{svc.namespace}/{svc.name}"
+        was = svc_old.get(ref)
+        if was is None or was.endpoints != svc.endpoints or was.vip != svc.vip:
+            raise UsageError(f"service {ref} would change more than its waypoint; not a live change")
+        if was.waypoint != svc.waypoint:
+            d.waypoints[ref] = (was.waypoint, svc.waypoint)
     for ref, (a, b) in d.modes.items():
         if "sidecar" in (a, b):
             raise UsageError(f"pod {ref}: {a} -> {b} needs the sidecar injected or removed, which takes a pod restart")
