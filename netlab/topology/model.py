@@ -93,31 +93,17 @@ class Readiness(_Model):
         return v
 
 
-class Probe(_Model):
+class Probe(Readiness):
     """A kubelet ``httpGet`` probe: GET ``path`` on the pod's IP and ``port`` from the node, every
     ``periodSeconds``; it passes on 200-399 within ``timeoutSeconds``, and the pod's state flips
-    after ``failureThreshold`` failures (or ``successThreshold`` successes) in a row."""
+    after ``failureThreshold`` failures (or ``successThreshold`` successes) in a row. ``port`` and
+    ``path`` are checked as Readiness's are."""
 
-    port: StrictInt
     path: str = "/"
     periodSeconds: StrictInt = 1
     timeoutSeconds: StrictInt = 1
     failureThreshold: StrictInt = 3
     successThreshold: StrictInt = 1
-
-    @field_validator("port")
-    @classmethod
-    def _port(cls, v: int) -> int:
-        if not 1 <= v <= 65535:
-            raise ValueError(f"port {v} is outside 1..65535")
-        return v
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if not re.fullmatch(r"/[\x21-\x7e]{0,1023}", v):  # (a request line: as Readiness.path)
-            raise ValueError(f"path {v[:60]!r} must start with '/' and hold at most 1024 visible ASCII characters, no spaces")
-        return v
 
     @field_validator("periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold")
     @classmethod
