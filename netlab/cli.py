@@ -415,8 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true",
                    help="JSON: {lab, topology, datapath, tunnel, health, problems:[...], supervisor:{pid,state}, "
                         "processes:[{name,kind,state,pid,restarts,last_exit}], nodes:[{name,netns,ip}], "
-                        "pods:[{name,namespace,node,netns,ip,mode[,ready,live,probes]}] (ready/live: the kubelet stand-in's "
-                        "readiness/liveness verdict, for pods with probes), services:[{name,namespace,vip,port,target_port}]}")
+                        "pods:[{name,namespace,node,netns,ip,mode,ready[,live,probes]}] (ready/live: the kubelet stand-in's "
+                        "verdicts for pods with probes; without: ready when the pod's processes run), services:[{name,namespace,vip,port,target_port}]}")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("label", help="change a namespace's or pod's label live: enrol/unenrol without restarts",

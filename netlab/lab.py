@@ -295,15 +295,22 @@ class Lab:
     def status(self) -> dict[str, Any]:
         p = self.plan
         probes = self.probe_states()
+        health = self.health()
+        running = {pr["name"] for pr in health["processes"] if pr["state"] == "running"}
+
+        def unprobed(ref: str) -> dict[str, Any]:
+            """Without a readiness probe a pod is ready when its processes (app, sidecar, proxy) run,
+            as a Kubernetes pod is when its containers do; the kubelet's verdict overrides it."""
+            return {"ready": all(pr.name in running for pr in p.processes if pr.ref == ref)}
         return {
             "lab": p.lab,
             "topology": p.topology,
             "datapath": p.datapath,
             "tunnel": p.tunnel,
-            **self.health(),
+            **health,
             "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr} for n in p.nodes],
             "pods": [{"name": x.name, "namespace": x.namespace, "node": x.node, "netns": x.netns, "ip": x.ip,
-                      "mode": x.mode, **probes.get(x.ref, {})} for x in p.pods],
+                      "mode": x.mode, **unprobed(x.ref), **probes.get(x.ref, {})} for x in p.pods],
             "services": [{"name": s.name, "namespace": s.namespace, "vip": s.vip, "port": s.port,
                           "target_port": s.target_port} for s in p.services],
         }
