@@ -29,6 +29,8 @@ from netlab.plan.layout import NetnsWork
 from netlab.plan.types import IpSetEntry, IptChain, IptRule, Route, Rule, Sysctl
 
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+#: ipset's "element already added" on add, "element not added" on del (IPSET_ERR_EXIST, linux/netfilter/ipset/ip_set.h)
+IPSET_ERR_EXIST = 4103
 
 
 def change_netns(netns: str, cookie: int, *, add: Sequence[Any] = (), remove: Sequence[Any] = (),
@@ -91,10 +93,10 @@ def _ipset(netns: str, cookie: int, entries: Sequence[IpSetEntry], delete: bool)
                     ips.delete(e.set, e.ip)
                 else:
                     ips.add(e.set, e.ip, comment=e.comment)
-            except Exception as x:  # pyroute2's IPSetError carries the errno as its first arg
+            except Exception as x:  # pyroute2's IPSetError: (code, text)
                 code = getattr(x, "code", None) or (x.args[0] if x.args and isinstance(x.args[0], int) else None)
-                if code in ((*_GONE, errno.EEXIST, 4097, 4105) if not delete else (*_GONE, 4097, 4106)):
-                    continue  # IPSET_ERR_EXIST (4105 on add, 4106 "element not exist" on del)
+                if code in (IPSET_ERR_EXIST, errno.EEXIST if not delete else errno.ENOENT):
+                    continue  # already there (add) / already gone (del): the same end state
                 raise ObjectError(e, x) from x
     finally:
         ips.close()

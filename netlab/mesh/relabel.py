@@ -28,10 +28,11 @@ import json
 import os
 from typing import Any
 
-from netlab import istio
+from netlab import istio, testhooks
 from netlab.errors import LabStateError, NetlabError, UsageError
 from netlab.kernel import ledger as kledger
 from netlab.kernel import live
+from netlab.kernel.failures import ObjectError
 from netlab.mesh.nodeagent.agent import request as agent_request
 from netlab.mesh.registry import build_registry
 from netlab.plan.build import build_plan
@@ -85,7 +86,11 @@ def relabel(lab: str, change: LabelChange) -> dict[str, Any]:
         new_ov = add_override(ov, change)
         new = rebuild(plan, new_ov)
         delta = plan_delta(plan, new)
-        zds = _carry_out(plan, new, delta, files)
+        try:
+            zds = _carry_out(plan, new, delta, files)
+        except (ObjectError, OSError) as e:
+            raise NetlabError(f"lab {lab}: {change.describe()}: {e}; the lab keeps its earlier labels "
+                              f"(`netlab label` again finishes a change cut short; `netlab down` removes all)") from e
         _write_overrides(files, new_ov)
         return {"lab": lab, "change": change.describe(), "datapath": plan.datapath, **delta.to_dict(), "zds": zds,
                 "ok": all(not a.get("error") for a in zds)}
@@ -126,10 +131,14 @@ def _carry_out(old: Plan, new: Plan, delta: PlanDelta, files: StateDir) -> list[
         change(delta.removed, remove=True, nodes=False)
         if inpod:
             acks += [_zds(old, files, p.node, "del", p.ref) for p in unenrol]
+        if testhooks.ARMED:
+            testhooks.point("label:removed")
         # istiod's push, between the two: an unenrolled pod is plain once its capture is gone,
         # an enrolled one ambient before its capture starts
         build_registry(new).write_in_place(files.registry)
         change(delta.added, remove=False, nodes=False)
+        if testhooks.ARMED:
+            testhooks.point("label:pod-added")
         if inpod:
             acks += [_zds(old, files, p.node, "add", p.ref) for p in enrol]
         change(delta.added, remove=False, nodes=True)
@@ -143,8 +152,11 @@ def _carry_out(old: Plan, new: Plan, delta: PlanDelta, files: StateDir) -> list[
 def _zds(plan: Plan, files: StateDir, node: str, op: str, ref: str) -> dict[str, Any]:
     """One request to the node agent; its answer, with ``error`` set when ztunnel did not ack
     (the reference's ``redirection: pending``: the rules are live, no proxy: traffic is dropped)."""
+    ctl = files.zds_control(node)
     try:
-        res = asyncio.run(agent_request(files.zds_control(node), {"op": op, "pod": ref}))
+        if op == "del" and ref not in asyncio.run(agent_request(ctl, {"op": "list"})).get("pods", ()):
+            return {"node": node, "op": op, "pod": ref, "error": None}  # gone already (a run cut short)
+        res = asyncio.run(agent_request(ctl, {"op": op, "pod": ref}))
     except (OSError, TimeoutError, ValueError) as e:
         return {"node": node, "op": op, "pod": ref, "error": f"node agent istio-cni-{node}: {e}"}
     err = res.get("error") or "; ".join(str(a.get("error")) for a in res.get("acks", ()) if a.get("error"))

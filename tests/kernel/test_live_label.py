@@ -220,3 +220,30 @@ def test_established_connections_across_enrol_and_unenrol(lab: Lab) -> None:
     assert across(lab, "istio.io/dataplane-mode=ambient") == ("HTTP/1.1 200 OK", "ConnectionResetError")
     want = "ConnectionResetError" if lab.plan.datapath == "inpod" else "HTTP/1.1 200 OK"
     assert across(lab, "istio.io/dataplane-mode-") == ("HTTP/1.1 200 OK", want)
+
+
+def test_a_label_killed_half_way_is_finished_by_running_it_again(lab: Lab) -> None:
+    """SIGKILL between the pod's own objects and the node's (and, unenrolling, right after the
+    removals): the lab's plan still says the old mode, the same command again finishes the job to
+    the same end state, and the lab stays one `down` removes (the fixture's)."""
+    import os
+
+    sleep = lab.plan.pod("legacy/sleep")
+    node_a = lab.plan.node("node-a").netns
+    ipset = "istio-inpod-probes-v4" if lab.plan.datapath == "inpod" else "ztunnel-pods-ips"
+    for change, point, mode in [("istio.io/dataplane-mode=ambient", "label:pod-added", "ambient"),
+                                ("istio.io/dataplane-mode-", "label:removed", "plain")]:
+        argv = [*NETLAB, "label", "--lab", lab.name, "namespace/legacy", change]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "NETLAB_TEST_SIGNAL_AT": f"KILL@{point}"})
+        assert r.returncode == -9, r.stderr
+        assert Lab.attach(lab.name).plan.pod("legacy/sleep").mode != mode  # not recorded: not done
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert Lab.attach(lab.name).plan.pod("legacy/sleep").mode == mode
+        assert (sleep.ip in netns_text(node_a, "ipset", "list", ipset)) == (mode == "ambient")
+        if lab.plan.datapath == "inpod":
+            assert ("legacy/sleep" in zds_pods(lab)) == (mode == "ambient")
+            save = netns_text(sleep.netns, "iptables-legacy-save")
+            assert save.count("-A ISTIO_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT") == (mode == "ambient")
+    lab.plan = Lab.attach(lab.name).plan
