@@ -425,8 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("label", metavar="KEY=VALUE|KEY-")
     lab_opt(s)
     s.add_argument("--json", action="store_true",
-                   help="JSON: {lab, change, datapath, modes:{pod:{from,to}}, added:[...], removed:[...], "
-                        "zds:[{node,op,pod,error}], ok}")
+                   help="JSON: {lab, change, datapath, modes:{pod:{from,to}}, waypoints:{service:{from,to}}, "
+                        "added:[...], removed:[...], zds:[{node,op,pod,error}], ok}")
     s.set_defaults(func=cmd_label)
 
     s = sub.add_parser("plan", help="print what `up` would create, without root",
