@@ -132,9 +132,10 @@ def _print_status(st: dict[str, Any]) -> None:
     print(f"{'NODE':<14} {'NETNS':<36} IP")
     for n in st["nodes"]:
         print(f"{n['name']:<14} {n['netns']:<36} {n['ip']}")
-    print(f"\n{'POD':<30} {'MODE':<9} {'NODE':<10} {'IP':<14} NETNS")
+    print(f"\n{'POD':<30} {'MODE':<9} {'READY':<6} {'NODE':<10} {'IP':<14} NETNS")
     for p in st["pods"]:
-        print(f"{p['namespace'] + '/' + p['name']:<30} {p['mode']:<9} {p['node']:<10} {p['ip']:<14} {p['netns']}")
+        ready = ("-" if "ready" not in p else "yes" if p["ready"] else "no") + ("!" if p.get("live") is False else "")  # (! liveness)
+        print(f"{p['namespace'] + '/' + p['name']:<30} {p['mode']:<9} {ready:<6} {p['node']:<10} {p['ip']:<14} {p['netns']}")
     if st["services"]:
         print(f"\n{'SERVICE':<30} {'VIP':<14} PORT")
         for s in st["services"]:
@@ -162,6 +163,19 @@ def cmd_status(a: argparse.Namespace) -> int:
         if st["health"] == "degraded":
             print(f"\nrepair: netlab up --repair {st['lab']}   (restarts its processes; namespaces untouched)")
     return 0
+
+
+def cmd_label(a: argparse.Namespace) -> int:
+    from netlab.lab import Lab
+
+    res = Lab.attach(a.lab).label(a.target, a.label)
+    modes = ", ".join([f"{ref} {m['from']} -> {m['to']}" for ref, m in res["modes"].items()]
+                      + [f"Service {ref} waypoint {w['from']} -> {w['to']}" for ref, w in res["waypoints"].items()])
+    lines = [f"lab {res['lab']}: {res['change']}: {modes or 'nothing changed'}; {len(res['added'])} objects added, "
+             f"{len(res['removed'])} removed"] + [f"  ZDS {z['op']} {z['pod']} on {z['node']}: {z['error'] or 'acked'}"
+                                                  for z in res["zds"]]
+    print(json.dumps(res, indent=2) if a.json else "\n".join(lines))
+    return 0 if res["ok"] else 1
 
 
 def cmd_plan(a: argparse.Namespace) -> int:
@@ -254,7 +268,16 @@ def cmd_trace(a: argparse.Namespace) -> int:
     from netlab.verify.trace import trace
 
     lab = Lab.attach(a.lab)
-    res = trace(lab, a.src, a.dst, a.url, contract=a.contract)
+    if a.probe:  # one kubelet probe from the pod's node (netlab.verify.probetrace)
+        from netlab.verify.probetrace import trace_probe
+
+        if a.src or a.dst or a.contract:
+            raise UsageError("--probe POD traces a kubelet probe: leave out --from, --to and --contract")
+        res = trace_probe(lab, a.probe, a.probe_kind)
+    elif not (a.src and a.dst):
+        raise UsageError("give --from POD --to HOST[:PORT] (a request), or --probe POD (a kubelet probe)")
+    else:
+        res = trace(lab, a.src, a.dst, a.url, contract=a.contract)
     if a.html:  # the same hops as a page: figure, list, details (netlab.verify.html)
         from netlab.verify.html import write_trace_html
 
@@ -347,22 +370,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
-EXPORT_K8S_HELP = """\
-Write the topology's scenario for a real Kubernetes cluster with Istio, pinned to the release of
-the datapath (istio-1.18: Istio 1.18.2; inpod: Istio 1.30.3), into DIR:
+def _relabel_help() -> str:
+    from netlab.plan.relabel import LABEL_HELP
+    return LABEL_HELP
 
-  k8s.yaml     Namespaces (with their labels), ServiceAccounts, one Deployment per pod pinned to
-               its node (nodeSelector kubernetes.io/hostname), Services; built-in apps run the
-               release's Istio sample images, pods with a `command` a placeholder image
-  istio.yaml   waypoints as that release expects them, policies as AuthorizationPolicy
-  kind.yaml    a kind cluster whose workers carry the topology's node names (kubernetes.io/hostname)
-  install.sh   creates the cluster, installs Istio with the ambient profile, applies the objects
-  check.sh     sends each path's request with kubectl exec and prints, per hop of the path's
-               contract, the tcpdump command that shows it on that node
-  README.md    what needs a network, what it reproduces, what differs from the lab
 
-Exporting needs no root and no network; install.sh needs both docker and a network.
-"""
+def _export_help() -> str:
+    from netlab.export.k8s import EXPORT_K8S_HELP
+    return EXPORT_K8S_HELP
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,8 +431,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true",
                    help="JSON: {lab, topology, datapath, tunnel, health, problems:[...], supervisor:{pid,state}, "
                         "processes:[{name,kind,state,pid,restarts,last_exit}], nodes:[{name,netns,ip}], "
-                        "pods:[{name,namespace,node,netns,ip,mode}], services:[{name,namespace,vip,port,target_port}]}")
+                        "pods:[{name,namespace,node,netns,ip,mode,ready[,live,probes]}] (ready/live: the kubelet stand-in's "
+                        "verdicts for pods with probes; without: ready when the pod's processes run), services:[{name,namespace,vip,port,target_port}]}")
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("label", help="change a namespace's or pod's label live: enrol/unenrol without restarts",
+                       description=_relabel_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("target", metavar="namespace/NS|pod/NS/NAME")
+    s.add_argument("label", metavar="KEY=VALUE|KEY-")
+    lab_opt(s)
+    s.add_argument("--json", action="store_true",
+                   help="JSON: {lab, change, datapath, modes:{pod:{from,to}}, waypoints:{service:{from,to}}, "
+                        "added:[...], removed:[...], zds:[{node,op,pod,error}], ok}")
+    s.set_defaults(func=cmd_label)
 
     s = sub.add_parser("plan", help="print what `up` would create, without root",
                        description="Print the plan: every netns, link, address, route, ip rule, sysctl, ipset, "
@@ -458,11 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "matched, ip rule/table, proxy leg). Exit 0 when the hops match the path's (its inpod: one in an inpod lab) "
                                    "hop contract, 1 when they do not (naming the first hop that diverged).")
     lab_opt(s)
-    s.add_argument("--from", dest="src", required=True, metavar="POD", help="client pod (name or ns/name)")
-    s.add_argument("--to", dest="dst", required=True, metavar="HOST[:PORT]",
+    s.add_argument("--from", dest="src", metavar="POD", help="client pod (name or ns/name)")
+    s.add_argument("--to", dest="dst", metavar="HOST[:PORT]",
                    help="service name (<svc>.<ns>), VIP or pod IP, with the port (default 80)")
     s.add_argument("--path", dest="url", default=None, help="HTTP path to request (default: the contract's, else /)")
     s.add_argument("--contract", default=None, help="name of the topology path whose hops to check (default: by from/to)")
+    s.add_argument("--probe", metavar="POD", default=None,
+                   help="instead: send POD's kubelet probe once from its node and check the release's probe "
+                        "contract; exit 1 names the hop where it left it (e.g. a removed probe exemption)")
+    s.add_argument("--probe-kind", choices=("readiness", "liveness"), default="readiness",
+                   help="which probe of the pod (default readiness)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--html", metavar="FILE.html", default=None,
                    help="also write one self-contained page: the drawing beside the numbered hops; hover or click "
@@ -542,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Hand a lab's scenario to a real cluster. TARGET: k8s (Kubernetes + Istio, on kind).")
     esub = s.add_subparsers(dest="target", metavar="TARGET", required=True)
     k = esub.add_parser("k8s", help="Kubernetes objects, a kind cluster file, install.sh and check.sh",
-                        description=EXPORT_K8S_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description=_export_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
                         epilog="examples:\n  netlab export k8s ambient-to-sidecar -o s1-k8s && s1-k8s/install.sh && s1-k8s/check.sh\n"
                                "  netlab export k8s sidecar-to-ambient --datapath inpod -o s2-current")
     k.add_argument("topology", help="a name from topologies/ (see `netlab list`) or a path to a YAML file")

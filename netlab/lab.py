@@ -279,20 +279,52 @@ class Lab:
                 "supervisor": {"pid": sup.get("pid"), "state": "running" if sup["alive"] else "dead"},
                 "processes": procs}
 
+    def probe_states(self) -> dict[str, dict[str, Any]]:
+        """Per pod with probes: ``ready`` / ``live`` (bool: as the node's kubelet stand-in last
+        judged) and ``probes`` (each probe's last result), from the kubelets' status files."""
+        from netlab.mesh.kubelet import read_status
+
+        out: dict[str, dict[str, Any]] = {}
+        for n in self.plan.nodes:
+            for pr in read_status(self.files, n.name):
+                d = out.setdefault(pr["pod"], {"probes": []})
+                d["ready" if pr["kind"] == "readiness" else "live"] = bool(pr["passing"])
+                d["probes"].append({k: pr.get(k) for k in ("kind", "port", "path", "passing", "failures", "last")})
+        return out
+
     def status(self) -> dict[str, Any]:
         p = self.plan
+        probes = self.probe_states()
+        health = self.health()
+        running = {pr["name"] for pr in health["processes"] if pr["state"] == "running"}
+
+        def unprobed(ref: str) -> dict[str, Any]:
+            """Without a readiness probe a pod is ready when its processes (app, sidecar, proxy) run,
+            as a Kubernetes pod is when its containers do; the kubelet's verdict overrides it."""
+            return {"ready": all(pr.name in running for pr in p.processes if pr.ref == ref)}
         return {
             "lab": p.lab,
             "topology": p.topology,
             "datapath": p.datapath,
             "tunnel": p.tunnel,
-            **self.health(),
+            **health,
             "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr} for n in p.nodes],
             "pods": [{"name": x.name, "namespace": x.namespace, "node": x.node, "netns": x.netns, "ip": x.ip,
-                      "mode": x.mode} for x in p.pods],
+                      "mode": x.mode, **unprobed(x.ref), **probes.get(x.ref, {})} for x in p.pods],
             "services": [{"name": s.name, "namespace": s.namespace, "vip": s.vip, "port": s.port,
                           "target_port": s.target_port} for s in p.services],
         }
+
+    def label(self, target: str, assignment: str) -> dict[str, Any]:
+        """``netlab label``: set (``KEY=VALUE``) or remove (``KEY-``) a label of ``namespace/NS``
+        or ``pod/NS/NAME`` live, doing what istio-cni and istiod do about it, no process restarted
+        (:mod:`netlab.mesh.relabel`). Returns what changed; ``self.plan`` is the new plan."""
+        from netlab.mesh.relabel import relabel
+        from netlab.plan.relabel import parse_change
+
+        res = relabel(self.name, parse_change(target, assignment))
+        self.plan = ledger.read_plan(self.name)
+        return res
 
     def pod(self, ref: str) -> PodInfo:
         try:

@@ -59,6 +59,8 @@ LOGS = "logs"
 LOG_SUFFIX = ".log"
 REQUESTS = "requests"
 REGISTRY = "registry.json"
+LABELS = "labels.json"
+PROBES = "probes"  # probes/<node>.json: what the kubelet stand-in of <node> last saw (netlab.mesh.kubelet)  # the label changes `netlab label` made since `up` (netlab.mesh.relabel)
 CA = "ca"
 CONN = "conn"
 CONN_SUFFIX = ".jsonl"
@@ -145,6 +147,18 @@ class StateDir:
     @property
     def registry(self) -> Path:
         return self.path / REGISTRY
+
+    @property
+    def labels(self) -> Path:
+        return self.path / LABELS
+
+    @property
+    def probes(self) -> Path:
+        return self.path / PROBES
+
+    def probe_status(self, node: str) -> Path:
+        """``probes/<node>.json``: each probe of the node's kubelet stand-in and its last result."""
+        return self.path / PROBES / f"{node}.json"
 
     @property
     def ca(self) -> Path:
@@ -285,6 +299,6 @@ class ConnLeg:
 _CONN_LEG_FIELDS = tuple(f.name for f in dataclasses.fields(ConnLeg))
 
 __all__ = ["CA", "CONN", "CONN_ROTATED_SUFFIX", "CONN_SUFFIX", "DEFAULT_RUN_DIR", "LEDGER", "LOCK", "LOGS",
-           "LOG_SUFFIX", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
+           "LABELS", "LOG_SUFFIX", "PROBES", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
            "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "ZDS", "ZDS_CONTROL_SUFFIX", "ZDS_SUFFIX", "ConnLeg", "StateDir", "lab_dir",
            "lab_names", "read_lock", "read_record", "run_dir", "write_lock_text", "write_record"]

@@ -22,6 +22,24 @@ from netlab.errors import NetlabError, TopologyError, UsageError
 from netlab.export import objects, scripts
 from netlab.export.releases import Release, choose
 
+#: `netlab export k8s --help`
+EXPORT_K8S_HELP = """\
+Write the topology's scenario for a real Kubernetes cluster with Istio, pinned to the release of
+the datapath (istio-1.18: Istio 1.18.2; inpod: Istio 1.30.3), into DIR:
+
+  k8s.yaml     Namespaces (with their labels), ServiceAccounts, one Deployment per pod pinned to
+               its node (nodeSelector kubernetes.io/hostname), Services; built-in apps run the
+               release's Istio sample images, pods with a `command` a placeholder image
+  istio.yaml   waypoints as that release expects them, policies as AuthorizationPolicy
+  kind.yaml    a kind cluster whose workers carry the topology's node names (kubernetes.io/hostname)
+  install.sh   creates the cluster, installs Istio with the ambient profile, applies the objects
+  check.sh     sends each path's request with kubectl exec and prints, per hop of the path's
+               contract, the tcpdump command that shows it on that node
+  README.md    what needs a network, what it reproduces, what differs from the lab
+
+Exporting needs no root and no network; install.sh needs both docker and a network.
+"""
+
 
 @dataclass
 class ExportResult:

@@ -111,6 +111,31 @@ class TableTx:
         rule = build_rule(spec, [self.table])
         self.table.append_entry(chain, rule.rule)
 
+    def insert(self, chain: str, spec: str, position: int) -> None:
+        """``spec`` as rule ``position`` (0-based) of ``chain`` (a live change: kernel/live.py)."""
+        rule = build_rule(spec, [self.table])
+        self.table.insert_entry(chain, rule.rule, position)
+
+    def delete(self, chain: str, spec: str) -> None:
+        """The first rule of ``chain`` that is ``spec`` (IPTCError if there is none)."""
+        rule = build_rule(spec, [self.table])
+        self.table.delete_entry(chain, rule.rule, rule.mask)
+
+    def remove_chain(self, chain: str, jump_from: str | None) -> None:
+        """``chain``'s jumps from ``jump_from``, its rules, then the chain itself, if it exists
+        (istio-cni's DeleteInpodRules: delete the jumps, flush and delete the chains)."""
+        if not self.table.is_chain(chain):
+            return
+        if jump_from:
+            jump = jump_rule(chain, [self.table])
+            while True:
+                try:
+                    self.table.delete_entry(jump_from, jump.rule, jump.mask)
+                except Exception:  # noqa: BLE001 - no (further) jump: done
+                    break
+        self.table.flush_entries(chain)
+        self.table.delete_chain(chain)
+
     def commit(self) -> None:
         ns.assert_socket_in(self.sockfd(), self.expected_cookie, f"iptables -t {self.name} {self.where}")
         self.table.commit()

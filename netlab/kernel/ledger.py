@@ -155,6 +155,18 @@ class Ledger:
         fd = os.open(sd.ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         return cls(plan.lab, fd)
 
+    @classmethod
+    def append_to(cls, lab: str) -> Ledger:
+        """The ledger of a lab that is up, to record more (a live label change, kernel/live.py);
+        the caller holds the lab's lock (:func:`take_lock`)."""
+        sd = StateDir.of(lab)
+        fd = os.open(sd.ledger, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return cls(lab, fd)
+
+    def note(self, op: str, **fields: Any) -> None:
+        """A line destroy does not read (``op`` is none of its), saying what was done and why."""
+        os.write(self._fd, _line({"op": op, **fields}))
+
     def write_plan(self, plan: Plan) -> None:
         """The plan file, what ``Lab.attach`` reads. destroy needs only the ledger, so apply
         writes this while its configure batches run in the kernel (its encoding holds the GIL);

@@ -19,6 +19,7 @@ goes there (inpod reference §3.4, §3.6, §4.4).
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,17 +82,67 @@ class Registry:
     services: dict[str, ServiceEntry] = field(default_factory=dict)  # by "vip:port"
     ztunnels: dict[str, str] = field(default_factory=dict)  # node -> ztunnel pod IP
     policies: list[Policy] = field(default_factory=list)  # in topology order
+    # where it was loaded from, and that file's (ino, size, mtime_ns) when it was: istiod pushes
+    # changes (a live `netlab label`), so every lookup first sees whether the file changed
+    source: Path | None = field(default=None, repr=False, compare=False)
+    _stamp: tuple[int, int, int] | None = field(default=None, repr=False, compare=False)
 
     # ---- lookups the proxies make ----
     def workload(self, ip: str) -> Workload | None:
+        self.refresh()
         return self.workloads.get(ip)
 
     def pod(self, ref: str) -> Workload | None:
         """The workload of pod ``<namespace>/<name>`` (how a sidecar or waypoint finds itself)."""
+        self.refresh()
         return next((w for w in self.workloads.values() if w.ref == ref), None)
 
     def service(self, ip: str, port: int) -> ServiceEntry | None:
+        self.refresh()
         return self.services.get(f"{ip}:{port}")
+
+    def refresh(self) -> bool:
+        """Take the file's content if it changed since it was read (one ``stat`` when it did
+        not: the proxies call this per connection). The writer rewrites it in place (a sidecar
+        sees the file through a bind mount, which a rename would leave behind), so a read that
+        does not parse, or is shorter than the file, is a write in progress: keep the old view
+        and look again next time. True if the view changed."""
+        if self.source is None:
+            return False
+        try:
+            st = os.stat(self.source)
+        except OSError:
+            return False
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if stamp == self._stamp:
+            return False
+        try:
+            data = self.source.read_bytes()
+            fresh = Registry.from_json(data.decode())
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if len(data) != st.st_size:
+            return False
+        self.trust_domain, self.datapath = fresh.trust_domain, fresh.datapath
+        self.workloads.clear()
+        self.workloads.update(fresh.workloads)
+        self.services.clear()
+        self.services.update(fresh.services)
+        self.ztunnels.clear()
+        self.ztunnels.update(fresh.ztunnels)
+        self.policies[:] = fresh.policies
+        self._stamp = stamp
+        return True
+
+    def write_in_place(self, path: str | os.PathLike[str]) -> None:
+        """istiod's push: the file rewritten with the same inode (see :meth:`refresh`)."""
+        data = self.to_json().encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
 
     @property
     def inpod(self) -> bool:
@@ -116,6 +167,7 @@ class Registry:
     def resolve(self, ip: str, port: int, rng: random.Random | None = None) -> tuple[Workload, int] | None:
         """Original destination -> (endpoint workload, port): a VIP picks a random endpoint and maps
         servicePort -> targetPort (§4.2 'VIPs are resolved by ztunnel itself'); a pod IP is itself."""
+        self.refresh()
         svc = self.service(ip, port)
         if svc is not None:
             eps = [self.workloads[e] for e in svc.endpoints if e in self.workloads]
@@ -165,7 +217,12 @@ class Registry:
 
     @classmethod
     def load(cls, path: str | Path) -> Registry:
-        return cls.from_json(Path(path).read_text())
+        """The registry at ``path``, which it follows from then on (:meth:`refresh`)."""
+        reg = cls(trust_domain="")
+        reg.source = Path(path)
+        if not reg.refresh():
+            reg = cls.from_json(Path(path).read_text())  # (a torn file: say why, as before)
+        return reg
 
 
 def _protocol(p: PodInfo) -> tuple[Protocol, bool]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -66,6 +67,7 @@ BUILTIN_PROGRAMS = ("httpbin", "helloworld", "sink", "echo")  # apps with a prog
 POD_UID = POD_GID = 65534
 KUBE_SERVICES = "KUBE-SERVICES"
 NODE_AGENT = "istio-cni"  # the node agent's process is istio-cni-<node>
+KUBELET = "kubelet"  # the kubelet stand-in of a node whose pods declare probes: kubelet-<node>
 
 
 def resolv_conf(nameserver: str, namespace: str) -> str:
@@ -407,7 +409,26 @@ class _Builder:
             if dns is not None:
                 self.add([File(path=f"/etc/netns/{p.netns}/resolv.conf", content=resolv_conf(dns.vip, p.namespace))])
 
+    def _kubelets(self) -> None:
+        """One kubelet stand-in per node that has a pod with ``probes`` (netlab.mesh.kubelet), in
+        the node's netns as a kubelet is; each probe on its argv, so it needs no plan."""
+        for n in self.nodes:
+            probes = []
+            for p in self.pods:
+                spec = self._topo_pods.get(p.ref)
+                if p.node != n.name or spec is None or spec.probes is None:
+                    continue
+                for kind in ("readiness", "liveness"):
+                    pr = getattr(spec.probes, kind)
+                    if pr is not None:
+                        probes.append({"kind": kind, "pod": p.ref, "ip": p.ip, **pr.model_dump()})
+            if probes:
+                self.add([Process(name=f"{KUBELET}-{n.name}", netns=n.netns, kind="kubelet", ref=n.name,
+                                  argv=("netlab.mesh.kubelet", "--lab", self.lab, "--node", n.name,
+                                        "--probes", json.dumps(probes, separators=(",", ":"))))])
+
     def _processes(self) -> None:
+        self._kubelets()
         if self.mesh and self.inpod and self.t.has_ambient:
             for n in self.nodes:  # istio-cni's node agent (a DaemonSet): hands pod netns to the node's ztunnel
                 self.add([Process(name=f"{NODE_AGENT}-{n.name}", netns=n.netns, kind="nodeagent", ref=n.name,

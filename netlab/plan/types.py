@@ -261,7 +261,7 @@ class Process:
 
     name: str  # component id used by `netlab logs`, e.g. "ztunnel-node-a"
     netns: str
-    kind: Literal["ztunnel", "sidecar", "waypoint", "app", "geneve", "nodeagent"]
+    kind: Literal["ztunnel", "sidecar", "waypoint", "app", "geneve", "nodeagent", "kubelet"]
     argv: tuple[str, ...]
     uid: int = 0
     gid: int = 0

@@ -93,6 +93,34 @@ class Readiness(_Model):
         return v
 
 
+class Probe(Readiness):
+    """A kubelet ``httpGet`` probe: GET ``path`` on the pod's IP and ``port`` from the node, every
+    ``periodSeconds``; it passes on 200-399 within ``timeoutSeconds``, and the pod's state flips
+    after ``failureThreshold`` failures (or ``successThreshold`` successes) in a row. ``port`` and
+    ``path`` are checked as Readiness's are."""
+
+    path: str = "/"
+    periodSeconds: StrictInt = 1
+    timeoutSeconds: StrictInt = 1
+    failureThreshold: StrictInt = 3
+    successThreshold: StrictInt = 1
+
+    @field_validator("periodSeconds", "timeoutSeconds", "failureThreshold", "successThreshold")
+    @classmethod
+    def _small(cls, v: int) -> int:
+        if not 1 <= v <= 60:
+            raise ValueError(f"{v} is outside 1..60")
+        return v
+
+
+class Probes(_Model):
+    """``probes: {readiness: {port, path}, liveness: {port, path}}`` on a pod: what the node's
+    kubelet stand-in sends (README, "Kubelet probes")."""
+
+    readiness: Probe | None = None
+    liveness: Probe | None = None
+
+
 class Pod(_Model):
     name: str
     namespace: str
@@ -109,6 +137,7 @@ class Pod(_Model):
                                                   "(docs: README 'Your own programs')")
     readiness: Readiness | None = Field(default=None, validate_default=True,
                                         description="what `up` waits for before it calls the program ready")
+    probes: Probes | None = Field(default=None, description="kubelet probes from the node (readiness, liveness)")
 
     @field_validator("name")
     @classmethod
