@@ -3,7 +3,7 @@ duplicates, bad CIDRs, overlong names, non-UTF-8 / garbage YAML) and feeds them 
 (in-process, through ``netlab.cli.main``, so hundreds of cases stay fast) and, a few, as real
 `netlab plan` / `netlab up` subprocesses.
 
-Contract (cli.py docstring): a bad file ends as exactly one line on stderr that names the file,
+Contract (netlab.cli docstring): a bad file ends as exactly one line on stderr that names the file,
 exit status 2, no traceback, and nothing created. A mutation that is not necessarily invalid
 (e.g. a wrong type where YAML coercion makes it valid again) may also plan fine (exit 0).
 """
