@@ -62,14 +62,14 @@ def cmd_up(a: argparse.Namespace) -> int:
         print(f"netlab: bringing up {a.topology}" + (f" as {a.name}" if a.name else ""), file=sys.stderr)
     if warning := low_nofile_warning():
         print(f"netlab: warning: {warning}", file=sys.stderr)
-    lab = Lab.up(a.topology, name=a.name, tunnel=a.tunnel, progress=_progress_printer(a.quiet))
+    lab = Lab.up(a.topology, name=a.name, tunnel=a.tunnel, progress=_progress_printer(a.quiet), datapath=a.datapath)
     st = lab.status()
     if a.json:
         print(json.dumps(st, indent=2))
         return 0
     p = lab.plan
     print(f"lab {p.lab} is up in {time.monotonic() - t0:.1f}s: {len(p.nodes)} nodes, {len(p.pods)} pods, "
-          f"{len(p.services)} services, tunnel={p.tunnel}")
+          f"{len(p.services)} services, datapath={p.datapath}" + (f", tunnel={p.tunnel}" if p.datapath != "inpod" else ""))
     _print_status(st)
     print(f"\nnext: netlab exec --lab {p.lab} <pod> -- curl -s http://<svc>.<ns>:<port>/   |   netlab down {p.lab}")
     return 0
@@ -78,8 +78,8 @@ def cmd_up(a: argparse.Namespace) -> int:
 def _repair(a: argparse.Namespace, t0: float) -> int:
     from netlab.lab import Lab
 
-    if a.name or a.tunnel != "auto":
-        raise UsageError("netlab up --repair LAB: give the lab's name only (no --name, --tunnel)")
+    if a.name or a.tunnel != "auto" or a.datapath:
+        raise UsageError("netlab up --repair LAB: give the lab's name only (no --name, --tunnel, --datapath)")
     lab, problems = Lab.repair(a.topology, progress=_progress_printer(a.quiet))
     st = lab.status()
     if a.json:
@@ -154,7 +154,7 @@ def cmd_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st, indent=2))
     else:
-        print(f"lab {st['lab']} (topology {st['topology']}, tunnel {st['tunnel']}): {st['health']}")
+        print(f"lab {st['lab']} (topology {st['topology']}, datapath {st['datapath']}, tunnel {st['tunnel']}): {st['health']}")
         for problem in st["problems"]:
             print(f"  {problem}")
         _print_status(st)
@@ -171,7 +171,7 @@ def cmd_plan(a: argparse.Namespace) -> int:
 
     topo = load_topology(a.topology)
     tunnel: Literal["kernel", "userspace"] = "kernel" if a.tunnel == "kernel" else "userspace"
-    plan = build_plan(topo, lab=a.name, tunnel=tunnel, source=str(resolve(a.topology)))
+    plan = build_plan(topo, lab=a.name, tunnel=tunnel, source=str(resolve(a.topology)), datapath=a.datapath)
     print(plan.to_json() if a.json else render_text(plan))
     return 0
 
@@ -357,9 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    from netlab.istio import DATAPATHS
 
     def lab_opt(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--lab", help="lab name (may be left out when exactly one lab is up)")
+
+    def datapath_opt(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--datapath", choices=DATAPATHS, default=None,
+                        help="istio-1.18: the seed's (node Geneve tunnels into the ztunnel pod, TPROXY there); "
+                             "inpod: Istio 1.30.3 (rules inside each enrolled pod, ztunnel listening in the pod, "
+                             "an istio-cni node agent handing pods over by ZDS); default: the topology's "
+                             "`datapath` key, else istio-1.18")
 
     s = sub.add_parser("up", help="create a lab from a topology", description=(
         "Create every namespace, link, address, route, ip rule, ipset, iptables rule and process of a topology. "
@@ -374,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tunnel", choices=("auto", "kernel", "userspace"), default="auto",
                    help="Geneve implementation for istioin/istioout: the kernel's, or userspace over TAP "
                         "(wire-identical); auto picks the kernel's when it works")
+    datapath_opt(s)
     s.add_argument("--json", action="store_true", help="print the status JSON instead of a table")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_up)
@@ -389,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are listed; `netlab up --repair LAB` restarts the processes).")
     s.add_argument("lab", nargs="?")
     s.add_argument("--json", action="store_true",
-                   help="JSON: {lab, topology, tunnel, health, problems:[...], supervisor:{pid,state}, "
+                   help="JSON: {lab, topology, datapath, tunnel, health, problems:[...], supervisor:{pid,state}, "
                         "processes:[{name,kind,state,pid,restarts,last_exit}], nodes:[{name,netns,ip}], "
                         "pods:[{name,namespace,node,netns,ip,mode}], services:[{name,namespace,vip,port,target_port}]}")
     s.set_defaults(func=cmd_status)
@@ -400,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("topology")
     s.add_argument("--name", help="lab name used for netns names (default: topology name)")
     s.add_argument("--tunnel", choices=("kernel", "userspace"), default="userspace")
+    datapath_opt(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_plan)
 
@@ -464,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("target", metavar="LAB|TOPOLOGY")
     s.add_argument("-o", "--output", required=True, metavar="FILE.svg")
     s.add_argument("--trace", nargs=2, metavar=("FROM", "TO"), help="trace a request first and draw its hops")
+    datapath_opt(s)
     s.set_defaults(func=cmd_diagram)
 
     s = sub.add_parser("ui", help="a local web view: running labs, their figures and processes, traces on demand",
@@ -495,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="with --conn: the legs as JSON")
     s.set_defaults(func=cmd_logs)
 
-    from netlab.export.releases import DATAPATHS, DEFAULT_DATAPATH
+    from netlab.export.releases import DEFAULT_DATAPATH
 
     s = sub.add_parser("export", help="write a topology for a real cluster: `netlab export k8s TOPOLOGY -o DIR`",
                        description="Hand a lab's scenario to a real cluster. TARGET: k8s (Kubernetes + Istio, on kind).")

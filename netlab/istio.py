@@ -1,8 +1,12 @@
-"""Istio 1.18.2 datapath constants, named as in ``shared/reference/istio-1.18-datapath.md``.
+"""Istio datapath constants, named as in the references of ``shared/reference/``.
 
 Every mark, mask, table, VNI, port, device name and tunnel address the lab uses comes from
-here, so that "where does 0x210 come from" has one answer. Section numbers (§) point at the
-reference; the cite keys in brackets (CNI-CONST, ZT-NODE, ...) are the reference's.
+here, so that "where does 0x210 come from" has one answer. Two datapaths, two references:
+
+* Istio 1.18.2 (``istio-1.18-datapath.md``, the seed's): the first part of this module;
+  section numbers (§) and cite keys (CNI-CONST, ZT-NODE, ...) are that reference's;
+* the in-pod redirection of Istio 1.30.3 (``istio-inpod-datapath.md``): the part headed
+  "in-pod", whose § and cite keys (CFG, IPT, NA, ZPOD, ...) are that reference's.
 """
 
 from __future__ import annotations
@@ -109,6 +113,56 @@ HBONE_WINDOW = 4 * 1024 * 1024  # stream and connection window
 HBONE_MAX_FRAME = 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0  # ztunnel freebind_connect
 WAYPOINT_CONNECT_TIMEOUT_S = 2.0  # Envoy connect_originate cluster
+
+
+# =====================================================================================
+# in-pod redirection, Istio 1.30.3 / ztunnel 1.30.3 (shared/reference/istio-inpod-datapath.md)
+# =====================================================================================
+
+# --- the lab's two datapaths (topology key ``datapath``, ``--datapath``) ---
+DATAPATH_1_18 = "istio-1.18"  # the seed's: node Geneve tunnels into the ztunnel pod
+DATAPATH_INPOD = "inpod"  # current Istio: rules inside each pod's netns, ztunnel listens there
+DATAPATHS = (DATAPATH_1_18, DATAPATH_INPOD)
+
+# --- §1.1 marks, masks, table and ip rule [CFG L30-35, IPT-NL L59-65] ---
+INPOD_MARK = 0x539  # 1337: ztunnel's PACKET_MARK, SO_MARK on every socket it makes in a pod
+INPOD_MASK = 0xFFF
+INPOD_TPROXY_MARK = 0x111  # (conn)mark of connections ztunnel's sockets looped over lo (§1.7)
+INPOD_TPROXY_MASK = 0xFFF
+INPOD_RESTORE_MASK = 0xFFFFFFFF  # --restore-mark --nfmask/--ctmask
+INPOD_RULE_PRIO = 32764  # ip rule fwmark 0x111/0xfff lookup 100
+INPOD_ROUTE_TABLE = 100  # local 0.0.0.0/0 dev lo
+ZTUNNEL_DNS_PORT = DNS_CAPTURE_PORT  # §3.2: 15053 UDP+TCP on 127.0.0.1 inside each enrolled pod
+DNS_CT_ZONE = 1  # raw-table CT --zone for ztunnel's DNS (istio#33469)
+DNS_PORT = 53
+
+# --- §1.1 / §2.1 host probes [NA options.go L31-32] ---
+HOST_PROBE_SNAT_IP = "169.254.7.127"
+HOST_PROBE_SNAT_IPV6 = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+INPOD_PROBES_IPSET_V4 = "istio-inpod-probes-v4"  # hash:ip, enrolled pods of the node, comment = UID
+
+# --- §1.3 / §2.1 chain names [IPT L39] (ISTIO_OUTPUT: the sidecar's name above, reused) ---
+CHAIN_ISTIO_PRERT = "ISTIO_PRERT"
+CHAIN_ISTIO_POSTRT = "ISTIO_POSTRT"
+
+# --- §1.8 / §2.3 pod labels and annotations [NA net.go L27-58, SEL] ---
+ANNOTATION_BYPASS_INBOUND_CAPTURE = "ambient.istio.io/bypass-inbound-capture"
+ANNOTATION_DNS_CAPTURE = "ambient.istio.io/dns-capture"
+DATAPLANE_MODE_NONE = "none"  # pod label istio.io/dataplane-mode=none: never enrolled
+LABEL_USE_WAYPOINT = "istio.io/use-waypoint"  # on a Service or Namespace (§3.6)
+TUNNEL_HTTP = "http"  # networking.istio.io/tunnel value the ambient profile's injector sets (§4.2)
+
+# --- §4.2 sidecars under istio-cni (CNI-plugin mode) [SC-CNI] ---
+SIDECAR_CNI_EXCLUDED_INBOUND_PORTS = (15020, 15021, 15090)  # appended and deduplicated, in this order
+SIDECAR_CNI_EXCLUDED_OUTBOUND_PORT = 15020  # tcp and udp RETURN
+
+# --- §3.1 ZDS (zds.proto, package istio.workload.zds) [ZPOD protocol.rs] ---
+ZDS_VERSION_V1 = 1
+
+# --- the lab's kube-dns stand-in (docs/deviations.md, "inpod") ---
+KUBE_SYSTEM_NS = "kube-system"
+KUBE_DNS_NAME = "kube-dns"
+CLUSTER_DOMAIN = "cluster.local"
 
 
 def spiffe_id(namespace: str, service_account: str, trust_domain: str = TRUST_DOMAIN) -> str:

@@ -64,9 +64,10 @@ class Lab:
     # ---- lifecycle ----
     @classmethod
     def up(cls, topology: str | os.PathLike[str], *, name: str | None = None, tunnel: str = "auto",
-           progress: Progress | None = None, mesh: bool = True) -> Lab:
+           progress: Progress | None = None, mesh: bool = True, datapath: str | None = None) -> Lab:
         """Create the lab; on any failure, remove what was made and raise. ``mesh=False`` starts no
-        proxies (every rule is still installed), for tests that listen where the proxies would."""
+        proxies (every rule is still installed), for tests that listen where the proxies would.
+        ``datapath`` (istio-1.18 | inpod) overrides the topology's ``datapath`` key."""
         from netlab.kernel import apply as kapply
         from netlab.plan.build import build_plan
         from netlab.topology.load import load_topology, resolve
@@ -81,8 +82,12 @@ class Lab:
         if lab in cls.running():
             raise LabStateError(f"lab {lab!r} is already up, or being brought up or taken down "
                                 f"(see `netlab status {lab}`, or `netlab down {lab}` first)")
-        mode = choose_tunnel(tunnel)
-        plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path), mesh=mesh)
+        from netlab import istio
+
+        inpod = (datapath or topo.datapath) == istio.DATAPATH_INPOD
+        # the in-pod datapath has no Geneve tunnel: nothing to probe (the plan records "userspace")
+        mode = choose_tunnel(tunnel) if not inpod else "userspace"
+        plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path), mesh=mesh, datapath=datapath)
         try:
             # the lab stays locked (`down` refuses it) until its processes run or it is rolled back
             kapply.apply(plan, progress=progress, keep_lock=True)
@@ -136,7 +141,7 @@ class Lab:
 
     def _start_runtime(self, progress: Progress | None, bootstrap: bool = True) -> None:
         procs: list[Any] = list(self.plan.processes)
-        if any(p.kind in ("ztunnel", "sidecar", "waypoint") for p in procs):
+        if any(p.kind in ("ztunnel", "sidecar", "waypoint", "nodeagent") for p in procs):
             from netlab.mesh import bootstrap as mesh_bootstrap
 
             # a repair keeps the registry, CA and connection-log files `up` made
@@ -279,6 +284,7 @@ class Lab:
         return {
             "lab": p.lab,
             "topology": p.topology,
+            "datapath": p.datapath,
             "tunnel": p.tunnel,
             **self.health(),
             "nodes": [{"name": n.name, "netns": n.netns, "ip": n.ip, "pod_cidr": n.pod_cidr} for n in p.nodes],

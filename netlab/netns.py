@@ -131,28 +131,35 @@ def netns_id(name: str) -> int | None:
             return NOT_A_NETNS
         raise
     try:
-        buf = bytearray(8)
-        try:
-            fcntl.ioctl(fd, NS_GET_ID, buf)
-            return int.from_bytes(buf, "little")
-        except OSError:
-            pass
-        try:
-            if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
-                return NOT_A_NETNS
-        except OSError:  # not an nsfs file
-            return NOT_A_NETNS
-        home = own_netns_fd()  # a kernel without NS_GET_ID: ask a socket made inside it
-        try:
-            setns_fd(fd)
-            try:
-                return current_cookie()
-            finally:
-                setns_fd(home)
-        finally:
-            os.close(home)
+        return fd_cookie(fd)
     finally:
         os.close(fd)
+
+
+def fd_cookie(fd: int) -> int:
+    """The cookie of the network namespace an open ``fd`` (of ``/run/netns/<name>``,
+    ``/proc/<pid>/ns/net``) refers to, or :data:`NOT_A_NETNS` if it is no netns: what tells a
+    namespace handed over by fd (istio-cni's ZDS) from another one of the same name."""
+    buf = bytearray(8)
+    try:
+        fcntl.ioctl(fd, NS_GET_ID, buf)
+        return int.from_bytes(buf, "little")
+    except OSError:
+        pass
+    try:
+        if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+            return NOT_A_NETNS
+    except OSError:  # not an nsfs file
+        return NOT_A_NETNS
+    home = own_netns_fd()  # a kernel without NS_GET_ID: ask a socket made inside it
+    try:
+        setns_fd(fd)
+        try:
+            return current_cookie()
+        finally:
+            setns_fd(home)
+    finally:
+        os.close(home)
 
 
 def is_placeholder(name: str) -> bool:

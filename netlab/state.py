@@ -16,7 +16,11 @@ records and logs, ``up`` the mesh's registry and CA, the proxies their connectio
   output, appended across restarts), ``requests/<name>`` (a restart request);
 * mesh/bootstrap, istiod's part of ``up``: ``registry.json`` (the workload registry), ``ca/``
   (the lab CA and a leaf per identity; its inside is :mod:`netlab.mesh.ca`'s), ``conn/`` (root's;
-  ``<component>.jsonl`` and ``.jsonl.1``, a proxy's connection legs, written by the proxy).
+  ``<component>.jsonl`` and ``.jsonl.1``, a proxy's connection legs, written by the proxy);
+* mesh/nodeagent, istio-cni's node agent of each node (datapath inpod): ``zds/`` (root's, 0700)
+  with ``<node>.sock``, the ZDS socket that node's ztunnel connects to (``/var/run/ztunnel/
+  ztunnel.sock`` in a cluster), and ``<node>.ctl``, the agent's request socket (enrol or unenrol
+  one pod at run time).
 
 Read back as data here: the lock (:func:`read_lock`), the supervisor's JSON records
 (:func:`read_record`, written atomically by :func:`write_record`) and a proxy's connection leg
@@ -60,6 +64,11 @@ CONN = "conn"
 CONN_SUFFIX = ".jsonl"
 #: A component's second connection-log file (see :mod:`netlab.mesh.connlog`: the writer alternates).
 CONN_ROTATED_SUFFIX = ".1"
+ZDS = "zds"
+ZDS_SUFFIX = ".sock"
+ZDS_CONTROL_SUFFIX = ".ctl"
+#: sun_path of a unix socket holds 107 bytes and a NUL
+UNIX_PATH_MAX = 107
 #: The files that say a supervisor was started for the lab (``down`` stops it first).
 SUPERVISOR_FILES = (SUPERVISOR, PROCS, SPEC)
 
@@ -145,6 +154,18 @@ class StateDir:
     def conn(self) -> Path:
         return self.path / CONN
 
+    @property
+    def zds(self) -> Path:
+        return self.path / ZDS
+
+    def zds_socket(self, node: str) -> Path:
+        """``zds/<node>.sock``: where node ``node``'s istio-cni agent listens for its ztunnel."""
+        return _unix_path(self.zds / f"{node}{ZDS_SUFFIX}")
+
+    def zds_control(self, node: str) -> Path:
+        """``zds/<node>.ctl``: the agent's request socket (``{"op": "add"|"del", "pod": "ns/name"}``)."""
+        return _unix_path(self.zds / f"{node}{ZDS_CONTROL_SUFFIX}")
+
     def log(self, name: str) -> Path:
         """``logs/<name>.log``: the output of the supervised process ``name``."""
         return self.logs / f"{name}{LOG_SUFFIX}"
@@ -172,6 +193,13 @@ class StateDir:
     def has_supervisor_files(self) -> bool:
         """Whether a supervisor was ever started here (its records, or the spec it was given)."""
         return any((self.path / f).exists() for f in SUPERVISOR_FILES)
+
+
+def _unix_path(p: Path) -> Path:
+    if len(os.fsencode(p)) > UNIX_PATH_MAX:
+        raise ValueError(f"{p}: too long for a unix socket ({UNIX_PATH_MAX} bytes at most; "
+                         f"a shorter ${RUN_DIR_ENV} or lab name)")
+    return p
 
 
 def write_record(path: Path, obj: Any) -> None:
@@ -258,5 +286,5 @@ _CONN_LEG_FIELDS = tuple(f.name for f in dataclasses.fields(ConnLeg))
 
 __all__ = ["CA", "CONN", "CONN_ROTATED_SUFFIX", "CONN_SUFFIX", "DEFAULT_RUN_DIR", "LEDGER", "LOCK", "LOGS",
            "LOG_SUFFIX", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
-           "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "ConnLeg", "StateDir", "lab_dir",
+           "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "ZDS", "ZDS_CONTROL_SUFFIX", "ZDS_SUFFIX", "ConnLeg", "StateDir", "lab_dir",
            "lab_names", "read_lock", "read_record", "run_dir", "write_lock_text", "write_record"]

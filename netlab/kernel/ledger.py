@@ -225,6 +225,19 @@ def read_entries(lab: str) -> list[dict[str, Any]]:
     return out
 
 
+def netns_cookies(lab: str) -> dict[str, int]:
+    """netns name -> the cookie recorded when apply made it: who asks for a lab's namespace by
+    name (istio-cni's node agent, handing a pod's netns to ztunnel) checks it is the one the lab
+    made, not another of that name."""
+    out: dict[str, int] = {}
+    for e in read_entries(lab):
+        if e.get("op") == "intent" and e.get("type") == "Netns" and isinstance(e.get("cookie"), int):
+            name = (e.get("obj") or {}).get("name")
+            if isinstance(name, str):
+                out[name] = e["cookie"]
+    return out
+
+
 def read_plan(lab: str) -> Plan:
     """The plan ``lab`` was built from, or LabStateError saying why not (never another
     exception: a broken lab must not break commands about other labs)."""

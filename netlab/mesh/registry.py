@@ -8,6 +8,12 @@ baggage and a waypoint's service-account scope), so no proxy reads the plan.
 Protocol per workload (reference §3, §5.2, AIDX): ambient-enrolled pods and waypoints speak HBONE;
 a sidecar pod labelled ``networking.istio.io/tunnel=http`` speaks HBONE natively (``native_hbone``);
 every other pod gets plain TCP.
+
+The registry says which release istiod is (``datapath``), since that decides what it pushes: 1.18
+binds a waypoint to the *workloads* of its namespace (or service account), so every caller's
+traffic to them goes through it; the in-pod release binds it to *Services* (``istio.io/use-waypoint``,
+``waypoint-for: service``): ``ServiceEntry.waypoint``, and only VIP traffic of ztunnel clients
+goes there (inpod reference §3.4, §3.6, §4.4).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from netlab import istio
+from netlab.plan.ambient import pod_uid
 from netlab.plan.types import Plan, PodInfo
 from netlab.plan.types import PolicyInfo as Policy  # the plan's policies are what istiod would push
 
@@ -41,6 +48,7 @@ class Workload:
     waypoints: tuple[str, ...] = ()  # waypoint pod IPs (§7 "Waypoint addresses")
     app: str = ""
     labels: tuple[tuple[str, str], ...] = ()  # the pod's labels, as in the plan
+    uid: str = ""  # the pod UID (ZDS AddWorkload.uid; the probe ipset's comment)
 
     @property
     def ref(self) -> str:
@@ -58,11 +66,17 @@ class ServiceEntry:
     port: int
     target_port: int
     endpoints: tuple[str, ...]  # endpoint pod IPs
+    waypoint: str = ""  # inpod: the waypoint pod IP of the Service's istio.io/use-waypoint binding
+
+    @property
+    def hostname(self) -> str:
+        return f"{self.name}.{self.namespace}.svc.{istio.CLUSTER_DOMAIN}"
 
 
 @dataclass
 class Registry:
     trust_domain: str
+    datapath: str = istio.DATAPATH_1_18
     workloads: dict[str, Workload] = field(default_factory=dict)  # by IP
     services: dict[str, ServiceEntry] = field(default_factory=dict)  # by "vip:port"
     ztunnels: dict[str, str] = field(default_factory=dict)  # node -> ztunnel pod IP
@@ -78,6 +92,23 @@ class Registry:
 
     def service(self, ip: str, port: int) -> ServiceEntry | None:
         return self.services.get(f"{ip}:{port}")
+
+    @property
+    def inpod(self) -> bool:
+        return self.datapath == istio.DATAPATH_INPOD
+
+    def service_waypoint(self, svc: ServiceEntry) -> Workload | None:
+        """Inpod: the waypoint a Service is bound to (its pod), or None."""
+        return self.workloads.get(svc.waypoint) if svc.waypoint else None
+
+    def by_hostname(self, host: str) -> ServiceEntry | None:
+        """The Service whose ``<name>.<namespace>.svc.cluster.local`` is ``host`` (any of its ports)."""
+        return next((s for s in self.services.values() if s.hostname == host), None)
+
+    def kube_dns(self) -> ServiceEntry | None:
+        """The kube-dns stand-in's Service (inpod with DNS capture), where DNS queries go upstream."""
+        return next((s for s in self.services.values()
+                     if s.name == istio.KUBE_DNS_NAME and s.namespace == istio.KUBE_SYSTEM_NS), None)
 
     def is_vip(self, ip: str) -> bool:
         return any(s.vip == ip for s in self.services.values())
@@ -108,6 +139,7 @@ class Registry:
     def to_json(self) -> str:
         return json.dumps({
             "trust_domain": self.trust_domain,
+            "datapath": self.datapath,
             "workloads": [asdict(w) for w in self.workloads.values()],
             "services": [asdict(s) for s in self.services.values()],
             "ztunnels": self.ztunnels,
@@ -117,7 +149,8 @@ class Registry:
     @classmethod
     def from_json(cls, text: str) -> Registry:
         d = json.loads(text)
-        r = cls(trust_domain=d["trust_domain"], ztunnels=dict(d["ztunnels"]))
+        r = cls(trust_domain=d["trust_domain"], ztunnels=dict(d["ztunnels"]),
+                datapath=d.get("datapath", istio.DATAPATH_1_18))
         for w in d["workloads"]:
             w["waypoints"] = tuple(w.get("waypoints", ()))
             w["labels"] = tuple((k, v) for k, v in w.get("labels", ()))
@@ -144,7 +177,7 @@ def _protocol(p: PodInfo) -> tuple[Protocol, bool]:
 
 
 def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Registry:
-    reg = Registry(trust_domain=trust_domain,
+    reg = Registry(trust_domain=trust_domain, datapath=plan.datapath,
                    policies=list(plan.policies))
     waypoints = [p for p in plan.pods if p.mode == "waypoint"]
     for p in plan.pods:
@@ -153,7 +186,7 @@ def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Regist
             continue
         proto, native = _protocol(p)
         wps: tuple[str, ...] = ()
-        if p.mode == "ambient":
+        if p.mode == "ambient" and not reg.inpod:
             # an SA-scoped waypoint wins over a namespace-wide one (§7)
             def scope(w: PodInfo) -> str | None:
                 return dict(w.labels).get(istio.LABEL_FOR_SERVICE_ACCOUNT)
@@ -164,10 +197,10 @@ def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Regist
         reg.workloads[p.ip] = Workload(
             name=p.name, namespace=p.namespace, ip=p.ip, node=p.node, service_account=p.service_account,
             identity=istio.spiffe_id(p.namespace, p.service_account, trust_domain), protocol=proto, mode=p.mode,
-            native_hbone=native, waypoints=wps, app=p.app, labels=tuple(p.labels))
+            native_hbone=native, waypoints=wps, app=p.app, labels=tuple(p.labels), uid=pod_uid(p))
     ip_of = {p.ref: p.ip for p in plan.pods}
     for s in plan.services:
         reg.services[f"{s.vip}:{s.port}"] = ServiceEntry(
             name=s.name, namespace=s.namespace, vip=s.vip, port=s.port, target_port=s.target_port,
-            endpoints=tuple(ip_of[e] for e in s.endpoints))
+            endpoints=tuple(ip_of[e] for e in s.endpoints), waypoint=ip_of[s.waypoint] if s.waypoint else "")
     return reg

@@ -20,7 +20,7 @@ from typing import Any, cast
 
 from netlab.istio import CONNECT_TIMEOUT_S
 from netlab.mesh.endpoint import WRITE_HIGH, WRITE_LOW, Endpoint, StreamReset
-from netlab.mesh.sockets import Address, client_socket, connect_socket, set_linger_zero, set_nodelay
+from netlab.mesh.sockets import Address, client_socket, connect_socket, original_dst, set_linger_zero, set_nodelay
 
 __all__ = [
     "Endpoint",
@@ -177,6 +177,17 @@ class TcpStream(Endpoint):
     @property
     def peer_addr(self) -> Address | None:
         return self._address("peername")
+
+    def original_dst(self) -> Address | None:
+        """Where the client meant to go (``SO_ORIGINAL_DST`` under REDIRECT, else the local
+        address: :func:`netlab.mesh.sockets.original_dst`); None once the socket is gone."""
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is None:
+            return None
+        try:
+            return original_dst(sock)
+        except OSError:
+            return None
 
     def _t_write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._transport is not None

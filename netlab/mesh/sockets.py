@@ -6,6 +6,9 @@
   conntrack entry gives the original destination.
 * ztunnel keeps the client's source IP by binding its upstream socket to that IP with
   ``IP_TRANSPARENT`` + ``IP_FREEBIND`` (ztunnel's ``freebind_connect``).
+* In-pod (inpod reference §3.2-§3.3): ztunnel makes every socket of an enrolled pod *inside*
+  that pod's netns, marked ``SO_MARK 1337`` (:class:`PodSocketFactory`, ztunnel's
+  ``InPodSocketFactory``); the listeners and upstream sockets below take it as ``make``.
 
 Byte streams over these sockets are :mod:`netlab.mesh.relay`'s; this module stops at the socket.
 """
@@ -20,11 +23,15 @@ import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from netlab import netns as ns
+
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IPV6_TRANSPARENT = 75  # linux/in6.h; the socket module has no name for it
 SOL_IPV6 = getattr(socket, "SOL_IPV6", 41)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+SO_MARK = getattr(socket, "SO_MARK", 36)
+SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
 
 #: Accept-queue length of every proxy listener. A full queue drops the SYN (TcpExtListenDrops),
 #: and the client retries it 1, 3, 7 s later: with asyncio's default of 100, a burst of 1000
@@ -62,9 +69,14 @@ def set_linger_zero(sock: socket.socket | None) -> None:
         pass
 
 
-def listener(host: str, port: int, *, transparent: bool = False, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """A non-blocking TCP listening socket; ``transparent`` for TPROXY targets."""
-    s = socket.socket(_family(host), socket.SOCK_STREAM)
+MakeSocket = Callable[[socket.AddressFamily, socket.SocketKind], socket.socket]
+
+
+def listener(host: str, port: int, *, transparent: bool = False, backlog: int = LISTEN_BACKLOG,
+             make: MakeSocket | None = None) -> socket.socket:
+    """A non-blocking TCP listening socket; ``transparent`` for TPROXY targets (and in-pod, where
+    ztunnel's listeners take connections for the client's address); ``make``: where it is made."""
+    s = (make or socket.socket)(_family(host), socket.SOCK_STREAM)
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if transparent:
@@ -90,14 +102,15 @@ def original_dst(sock: socket.socket) -> Address:
         return ip, port
 
 
-def client_socket(dest: Address, source: Address | None = None, transparent: bool = False) -> socket.socket:
+def client_socket(dest: Address, source: Address | None = None, transparent: bool = False,
+                  make: MakeSocket | None = None) -> socket.socket:
     """A non-blocking, unconnected TCP socket like ztunnel's ``freebind_connect`` makes (ZT-PROXY, §4.2).
 
     ``transparent`` sets IP_TRANSPARENT + IP_FREEBIND so ``source`` may be a foreign (pod) IP.
-    A source equal to the destination IP is not bound, as in ztunnel.
+    A source equal to the destination IP is not bound, as in ztunnel. ``make``: where it is made.
     """
     family = _family(dest[0])
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = (make or socket.socket)(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
         if transparent:
@@ -167,3 +180,55 @@ async def accept_forever(lsock: socket.socket, on_conn: Callable[[socket.socket]
         spawn(on_conn(sock))
         for s in accept_backlog(lsock):  # the whole backlog, not one per loop iteration
             spawn(on_conn(s))
+
+
+class PodSocketFactory:
+    """ztunnel's ``InPodSocketFactory`` (ZPOD config.rs L85-190, netns.rs L77-84): every socket of
+    one enrolled pod is made inside the pod's netns -- the calling thread ``setns`` into the fd
+    istio-cni handed over, ``socket()``, and back -- and gets ``SO_MARK`` (the in-pod mark 1337,
+    which exempts it from the pod's REDIRECTs, §1.7); listeners also ``SO_REUSEPORT``.
+
+    A socket stays in the netns it was made in, so only ``socket()`` itself runs there; binding,
+    connecting and the event loop's work happen from ztunnel's own netns as for any socket.
+    """
+
+    def __init__(self, netns_fd: int, home_fd: int, mark: int) -> None:
+        self.netns_fd, self.home_fd, self.mark = netns_fd, home_fd, mark
+
+    def __call__(self, family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
+        ns.setns_fd(self.netns_fd)
+        try:
+            s = socket.socket(family, kind)
+        finally:
+            ns.setns_fd(self.home_fd)  # (raises only if the kernel refuses: then nothing is safe)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def listener(self, host: str, port: int, *, transparent: bool) -> socket.socket:
+        """A TCP listener in the pod: SO_REUSEPORT (``INPOD_PORT_REUSE``), ``IP_TRANSPARENT`` best effort."""
+        def make(family: socket.AddressFamily, kind: socket.SocketKind) -> socket.socket:
+            s = self(family, kind)
+            s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+            return s
+
+        try:
+            return listener(host, port, transparent=transparent, make=make)
+        except PermissionError:  # IP_TRANSPARENT needs CAP_NET_ADMIN: ztunnel goes on without (ZPX L615-634)
+            return listener(host, port, make=make)
+
+    def udp(self, host: str, port: int = 0) -> socket.socket:
+        """A bound, non-blocking UDP socket in the pod (DNS server, DNS forwarder)."""
+        s = self(_family(host), socket.SOCK_DGRAM)
+        try:
+            if port:
+                s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+            s.bind((host, port))
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            raise
+        return s

@@ -13,6 +13,13 @@ Network model (ptp-CNI style, reference §1.1 and the "Reference harness" of §8
 
 Addresses are allocated in file order: on each node HOST_IP = .1, then the ztunnel pod, then
 waypoints, then user pods. Service VIPs come from the service CIDR starting at .10.
+
+Two datapaths (``Plan.datapath``, the topology's ``datapath`` or ``--datapath``): ``istio-1.18``
+adds the node and ztunnel-pod objects of plan/ambient.py and istio-iptables in sidecar pods;
+``inpod`` adds the in-pod rules of plan/inpod.py to every enrolled pod, the probe SNAT to every
+node, the CNI plugin's rules to sidecar pods, an istio-cni node agent per node, and, with DNS
+capture, a kube-dns stand-in (pod and Service ``kube-system/kube-dns``, allocated after
+everything else, so every other address is the same under both datapaths) and resolv.conf files.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from typing import Any, Literal
 
 from netlab import istio, names
 from netlab.errors import TopologyError, UsageError
-from netlab.plan import addresses, ambient, sidecar
+from netlab.plan import addresses, ambient, inpod, sidecar
 from netlab.plan.types import (
     Address,
     File,
@@ -58,6 +65,13 @@ BUILTIN_PROGRAMS = ("httpbin", "helloworld", "sink", "echo")  # apps with a prog
 # users bind ports below 1024, as containerd 2.0 does for every pod (enable_unprivileged_ports).
 POD_UID = POD_GID = 65534
 KUBE_SERVICES = "KUBE-SERVICES"
+NODE_AGENT = "istio-cni"  # the node agent's process is istio-cni-<node>
+
+
+def resolv_conf(nameserver: str, namespace: str) -> str:
+    """The ``resolv.conf`` a kubelet writes for a ClusterFirst pod of ``namespace``."""
+    d = istio.CLUSTER_DOMAIN
+    return f"nameserver {nameserver}\nsearch {namespace}.svc.{d} svc.{d} {d}\noptions ndots:5\n"
 
 
 def veth_name(namespace: str, pod: str) -> str:
@@ -72,9 +86,14 @@ def mac_for(*parts: str) -> str:
 
 
 def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "userspace", source: str = "",
-               mesh: bool = True) -> Plan:
-    """``mesh=False`` leaves out the proxies (ztunnel, sidecars, waypoints) but keeps every rule:
-    datapath tests put their own listeners where the proxies would be."""
+               mesh: bool = True, datapath: str | None = None) -> Plan:
+    """``mesh=False`` leaves out the proxies (ztunnel, sidecars, waypoints, istio-cni's node
+    agents) but keeps every rule: datapath tests put their own listeners where the proxies would
+    be. ``datapath`` overrides the topology's ``datapath`` key (``--datapath``)."""
+    if datapath is not None and datapath != topo.datapath:
+        if datapath not in istio.DATAPATHS:
+            raise UsageError(f"datapath {datapath!r}: use one of {', '.join(istio.DATAPATHS)}")
+        topo = topo.model_copy(update={"datapath": datapath})
     lab = topo.name if lab is None else lab  # an empty --name is an error, not the topology's name
     try:
         names.check_lab_name(lab)
@@ -86,8 +105,8 @@ def build_plan(topo: Topology, *, lab: str | None = None, tunnel: Tunnel = "user
     except TopologyError as e:
         raise TopologyError(f"{source}: {e}" if source else str(e)) from None
     return Plan(
-        lab=lab, topology=topo.name, source=source, tunnel=tunnel,
-        nodes=tuple(b.nodes), pods=tuple(b.pods), services=tuple(b.services),
+        lab=lab, topology=topo.name, source=source, tunnel=tunnel, datapath=topo.datapath,
+        dns_capture=b.dns_capture, nodes=tuple(b.nodes), pods=tuple(b.pods), services=tuple(b.services),
         **{k: tuple(v) for k, v in b.objs.items()},
         policies=tuple(PolicyInfo(p.name, p.namespace, p.action, tuple(_principal(x) for x in p.from_),
                                   tuple(p.to_ports)) for p in topo.policies),
@@ -115,6 +134,10 @@ class _Builder:
         self._netns_names: dict[str, str] = {}
         self._keys: dict[str, Any] = {}
         self._commands = {f"{p.namespace}/{p.name}": p for p in topo.pods if p.command is not None}
+        self._topo_pods = {f"{p.namespace}/{p.name}": p for p in topo.pods}
+        self.inpod = topo.datapath == istio.DATAPATH_INPOD
+        # the kube-dns stand-in exists when pods resolve through DNS (inpod, DNS capture on)
+        self.dns_capture = self.inpod and topo.inpod.dnsCapture and topo.has_ambient
 
     # ---- helpers ----
     def add(self, objs: Iterable[Any]) -> None:
@@ -160,7 +183,10 @@ class _Builder:
         self._pods()
         self._services()
         self._node_routes()
-        self._ambient()
+        if self.inpod:
+            self._inpod()
+        else:
+            self._ambient()
         self._sidecars()
         self._hosts_files()
         self._processes()
@@ -238,9 +264,18 @@ class _Builder:
                       sa=f"{w.name}-istio-waypoint", ports=(istio.HBONE_PORT,), labels=labels)
         for p in t.pods:
             ports = tuple(p.ports) or DEFAULT_APP_PORTS.get(p.app_name, ())
-            labels = {"app": p.app_name, "version": p.version, **p.labels}
-            self._pod(name=p.name, namespace=p.namespace, node=p.node, mode=t.mode_of_pod(p), app=p.app_name,
+            mode = t.mode_of_pod(p)
+            labels = {"app": p.app_name, "version": p.version}
+            if self.inpod and mode == "sidecar" and t.inpod.sidecarTunnel == istio.TUNNEL_HTTP:
+                # the ambient profile's injector (ISTIO_META_ENABLE_HBONE, inpod §4.2), unless the pod says otherwise
+                labels[istio.LABEL_TUNNEL] = istio.TUNNEL_HTTP
+            labels.update(p.labels)
+            self._pod(name=p.name, namespace=p.namespace, node=p.node, mode=mode, app=p.app_name,
                       sa=p.sa, ports=ports, labels=labels)
+        if self.dns_capture:  # last, so no other address moves between the two datapaths
+            self._pod(name=istio.KUBE_DNS_NAME, namespace=istio.KUBE_SYSTEM_NS, node=t.nodes[0].name, mode="plain",
+                      app=istio.KUBE_DNS_NAME, sa=istio.KUBE_DNS_NAME, ports=(istio.DNS_PORT,),
+                      labels={"k8s-app": istio.KUBE_DNS_NAME})
 
     def _services(self) -> None:
         svc_cidr = ipaddress.IPv4Network(self.t.network.serviceCidr)
@@ -265,7 +300,34 @@ class _Builder:
             eps = tuple(p.ref for p in self.pods
                         if p.namespace == s.namespace and s.selector and all(dict(p.labels).get(k) == v for k, v in s.selector.items()))
             self.services.append(ServiceInfo(name=s.name, namespace=s.namespace, vip=vip, port=s.port,
-                                             target_port=s.targetPort or s.port, endpoints=eps))
+                                             target_port=s.targetPort or s.port, endpoints=eps,
+                                             waypoint=self._use_waypoint(i, s.namespace, s.labels) if self.inpod else ""))
+        if self.dns_capture:
+            auto = vips.take()
+            if auto is None:
+                raise TopologyError(f"network.serviceCidr {svc_cidr} has no address left for the kube-dns Service "
+                                    "(datapath inpod with DNS capture)")
+            dns_ref = f"{istio.KUBE_SYSTEM_NS}/{istio.KUBE_DNS_NAME}"
+            self.services.append(ServiceInfo(name=istio.KUBE_DNS_NAME, namespace=istio.KUBE_SYSTEM_NS, vip=str(auto),
+                                             port=istio.DNS_PORT, target_port=istio.DNS_PORT, endpoints=(dns_ref,),
+                                             protocols=("udp", "tcp")))
+
+    def _use_waypoint(self, i: int, namespace: str, labels: dict[str, str]) -> str:
+        """Inpod §3.6: the waypoint a Service is bound to, as ``ns/name``, or "". The Service's
+        label ``istio.io/use-waypoint`` beats its namespace's, ``none`` opts out. A topology's
+        ``waypoints:`` entry of namespace N stands for ``istioctl waypoint apply
+        --enroll-namespace``: it labels namespace N with its name, unless N has the label already."""
+        ns_labels = self.t.namespaces[namespace].labels
+        name = labels.get(istio.LABEL_USE_WAYPOINT) or ns_labels.get(istio.LABEL_USE_WAYPOINT)
+        if name is None:
+            enrolled = [w for w in self.t.waypoints if w.namespace == namespace]
+            name = enrolled[0].name if enrolled else None
+        if name is None or name == istio.DATAPLANE_MODE_NONE:
+            return ""
+        if not any(w.namespace == namespace and w.name == name for w in self.t.waypoints):
+            raise TopologyError(f"services[{i}] ({namespace}): {istio.LABEL_USE_WAYPOINT} names waypoint {name!r}, "
+                                f"which is not in waypoints (of namespace {namespace})")
+        return f"{namespace}/{name}"
 
     def _node_routes(self) -> None:
         for n in self.nodes:
@@ -284,13 +346,14 @@ class _Builder:
                 eps = [self._pod_by_ref(r) for r in s.endpoints]
                 if not eps:
                     continue
-                for k, ep in enumerate(eps):
-                    left = len(eps) - k
-                    stat = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
-                    self.add([IptRule(netns=n.netns, table="nat", chain=KUBE_SERVICES,
-                                      spec=f"-d {s.vip}/32 -p tcp -m tcp --dport {s.port} {stat}"
-                                           f"-j DNAT --to-destination {ep.ip}:{s.target_port}",
-                                      ref=f"kube-proxy {s.namespace}/{s.name}")])
+                for proto in s.protocols:
+                    for k, ep in enumerate(eps):
+                        left = len(eps) - k
+                        stat = f"-m statistic --mode random --probability {1 / left:.11f} " if left > 1 else ""
+                        self.add([IptRule(netns=n.netns, table="nat", chain=KUBE_SERVICES,
+                                          spec=f"-d {s.vip}/32 -p {proto} -m {proto} --dport {s.port} {stat}"
+                                               f"-j DNAT --to-destination {ep.ip}:{s.target_port}",
+                                          ref=f"kube-proxy {s.namespace}/{s.name}")])
 
     def _pod_by_ref(self, ref: str) -> PodInfo:
         return next(p for p in self.pods if p.ref == ref)
@@ -304,24 +367,51 @@ class _Builder:
             self.add(ambient.node_objects(n.netns, n.name, n.host_ip, zt, enrolled, self.tunnel))
             self.add(ambient.ztunnel_objects(zt.netns, n.name, zt, n.host_ip, self.tunnel))
 
+    def _inpod(self) -> None:
+        """Inpod §1-§2: each enrolled pod's rules (its annotations pick the §1.8 variants) and each
+        node's probe SNAT; nothing on the nodes or in the ztunnel pods beyond that (§2.2)."""
+        if not self.t.has_ambient:
+            return
+        for n in self.nodes:
+            enrolled = [p for p in self.pods if p.node == n.name and inpod.is_enrolled(p)]
+            self.add(inpod.node_objects(n.netns, n.name, enrolled))
+        for p in self.pods:
+            if inpod.is_enrolled(p):
+                notes = self._topo_pods[p.ref].annotations
+                self.add(inpod.pod_objects(
+                    p, dns_capture=inpod.annotation_flag(notes, istio.ANNOTATION_DNS_CAPTURE, self.t.inpod.dnsCapture),
+                    bypass_inbound=inpod.annotation_flag(notes, istio.ANNOTATION_BYPASS_INBOUND_CAPTURE, False)))
+
     def _sidecars(self) -> None:
         for p in self.pods:
-            if p.mode == "sidecar":
-                self.add(sidecar.sidecar_objects(p.netns))
+            if p.mode == "sidecar":  # istio-cni's plugin under inpod (§4.2), istio-iptables in 1.18 (§6)
+                self.add(sidecar.cni_plugin_objects(p.netns) if self.inpod else sidecar.sidecar_objects(p.netns))
 
     def _hosts_files(self) -> None:
-        """``ip netns exec`` bind-mounts /etc/netns/<netns>/hosts over /etc/hosts: DNS for the lab."""
+        """``ip netns exec`` bind-mounts /etc/netns/<netns>/hosts over /etc/hosts: DNS for the lab.
+
+        With DNS capture (inpod) the hosts file names the pod only, and ``resolv.conf`` points at
+        the kube-dns Service with the search list a kubelet writes (``ndots:5``)."""
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-        for s in self.services:
-            lines.append(f"{s.vip}\t{s.name}.{s.namespace} {s.name}.{s.namespace}.svc {s.name}.{s.namespace}.svc.cluster.local")
+        if not self.dns_capture:
+            for s in self.services:
+                lines.append(f"{s.vip}\t{s.name}.{s.namespace} {s.name}.{s.namespace}.svc {s.name}.{s.namespace}.svc.cluster.local")
+        dns = next((s for s in self.services if s.name == istio.KUBE_DNS_NAME and s.namespace == istio.KUBE_SYSTEM_NS),
+                   None) if self.dns_capture else None
         for p in self.pods:
             if p.mode in ("ztunnel", "waypoint"):
                 continue
-            own = [f"{s.vip}\t{s.name}" for s in self.services if s.namespace == p.namespace]
+            own = [] if dns else [f"{s.vip}\t{s.name}" for s in self.services if s.namespace == p.namespace]
             body = "\n".join(lines + own + [f"{p.ip}\t{p.name}"]) + "\n"
             self.add([File(path=f"/etc/netns/{p.netns}/hosts", content=body)])
+            if dns is not None:
+                self.add([File(path=f"/etc/netns/{p.netns}/resolv.conf", content=resolv_conf(dns.vip, p.namespace))])
 
     def _processes(self) -> None:
+        if self.mesh and self.inpod and self.t.has_ambient:
+            for n in self.nodes:  # istio-cni's node agent (a DaemonSet): hands pod netns to the node's ztunnel
+                self.add([Process(name=f"{NODE_AGENT}-{n.name}", netns=n.netns, kind="nodeagent", ref=n.name,
+                                  argv=("netlab.mesh.nodeagent", "--lab", self.lab, "--node", n.name))])
         for p in self.pods:
             if self.mesh and p.mode == "ztunnel":
                 self.add([Process(name=f"ztunnel-{p.node}", netns=p.netns, kind="ztunnel", ref=p.ref,
@@ -336,6 +426,9 @@ class _Builder:
             own = self._commands.get(p.ref)
             if own is not None:
                 self.add([self._own_program(p, own)])
+            elif p.app == istio.KUBE_DNS_NAME and p.namespace == istio.KUBE_SYSTEM_NS:
+                self.add([Process(name=f"{p.name}.{p.namespace}", netns=p.netns, kind="app", ref=p.ref,
+                                  argv=("netlab.mesh.kubedns", "--lab", self.lab))])
             elif p.app in BUILTIN_PROGRAMS and p.mode not in ("ztunnel", "waypoint"):
                 argv: list[str] = [f"netlab.apps.{p.app}", "--name", p.name]
                 for port in p.ports:

@@ -9,7 +9,7 @@ from netlab.plan.types import File, Netns, Plan
 
 
 def render_text(plan: Plan) -> str:
-    out = [f"# plan for lab {plan.lab} (topology {plan.topology}, tunnel {plan.tunnel})", ""]
+    out = [f"# plan for lab {plan.lab} (topology {plan.topology}, datapath {plan.datapath}, tunnel {plan.tunnel})", ""]
     out.append("# nodes")
     for n in plan.nodes:
         out.append(f"#   {n.name:<12} netns {n.netns:<32} ip {n.ip:<14} pod CIDR {n.pod_cidr} (HOST_IP {n.host_ip})")

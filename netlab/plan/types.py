@@ -261,7 +261,7 @@ class Process:
 
     name: str  # component id used by `netlab logs`, e.g. "ztunnel-node-a"
     netns: str
-    kind: Literal["ztunnel", "sidecar", "waypoint", "app", "geneve"]
+    kind: Literal["ztunnel", "sidecar", "waypoint", "app", "geneve", "nodeagent"]
     argv: tuple[str, ...]
     uid: int = 0
     gid: int = 0
@@ -327,6 +327,10 @@ class ServiceInfo:
     port: int
     target_port: int
     endpoints: tuple[str, ...]  # pod refs "ns/name"
+    #: the waypoint pod ("ns/name") the Service is bound to with ``istio.io/use-waypoint``
+    #: (datapath inpod; 1.18 binds waypoints to workloads, not Services: see the registry)
+    waypoint: str = ""
+    protocols: tuple[str, ...] = ("tcp",)  # what kube-proxy's DNAT carries (kube-dns: udp and tcp)
 
 
 @dataclass(frozen=True)
@@ -377,7 +381,7 @@ class Plan:
     lab: str
     topology: str  # topology name
     source: str  # path of the topology file
-    tunnel: Literal["kernel", "userspace"]
+    tunnel: Literal["kernel", "userspace"]  # Geneve's implementation (datapath istio-1.18 only)
     nodes: tuple[NodeInfo, ...]
     pods: tuple[PodInfo, ...]
     services: tuple[ServiceInfo, ...]
@@ -395,6 +399,12 @@ class Plan:
     processes: tuple[Process, ...] = ()
     policies: tuple[PolicyInfo, ...] = ()  # not kernel objects: for the mesh's registry
     paths: tuple[PathInfo, ...] = ()  # not kernel objects: the hop contracts, for verify
+    #: which datapath the lab reproduces: "istio-1.18" (node Geneve into the ztunnel pod) or
+    #: "inpod" (Istio 1.30.3: rules in each enrolled pod, ztunnel's listeners inside it)
+    datapath: Literal["istio-1.18", "inpod"] = "istio-1.18"
+    #: inpod with DNS capture: pods resolve through the kube-dns stand-in's Service
+    #: (kube-system/kube-dns) from their resolv.conf, enrolled pods through ztunnel on 15053
+    dns_capture: bool = False
 
     # Apply order, following istio-cni's CreateRulesOnNode where it matters (§1.9): devices and
     # addresses first, then sysctls, ipsets, chains and rules, routes, ip rules, files, processes.

@@ -185,6 +185,7 @@ class Service(_Model):
     targetPort: StrictInt | None = None
     selector: dict[str, str] = Field(default_factory=dict)
     clusterIP: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="e.g. istio.io/use-waypoint: <waypoint> (datapath inpod)")
 
     @field_validator("name")
     @classmethod
@@ -334,9 +335,27 @@ class AuthorizationPolicy(_Model):
         return v
 
 
+Datapath = Literal["istio-1.18", "inpod"]
+
+
+class InpodOptions(_Model):
+    """Install-wide choices of the in-pod datapath (``datapath: inpod``); the defaults are the
+    pinned release's ambient profile (reference istio-inpod-datapath.md §1.1, §4.2, §5)."""
+
+    dnsCapture: bool = Field(default=True, description="Helm ambient.dnsCapture: ztunnel answers DNS inside each "
+                                                       "enrolled pod (15053) and pods resolve through kube-dns; "
+                                                       "false: no DNS rules, names from the lab's /etc/hosts")
+    sidecarTunnel: Literal["http", "none"] = Field(
+        default="http", description="the injector labels sidecar pods networking.istio.io/tunnel=http (ambient "
+                                    "profile): ambient clients reach them over HBONE on 15008; none: plain TCP")
+
+
 class Topology(_Model):
     name: str
     description: str = ""
+    datapath: Datapath = Field(default="istio-1.18", description="istio-1.18 (the seed's node Geneve datapath) or "
+                                                                 "inpod (Istio 1.30.3: redirection inside each pod)")
+    inpod: InpodOptions = Field(default_factory=InpodOptions)
     network: Network = Field(default_factory=Network)
     nodes: list[Node]
     namespaces: dict[str, Namespace] = Field(default_factory=dict)
@@ -415,17 +434,33 @@ class Topology(_Model):
         return "plain"
 
     def mode_of_pod(self, pod: Pod) -> Literal["ambient", "sidecar", "plain"]:
-        """Sidecar injection wins over ambient (the pod gets sidecar.istio.io/status, §3)."""
+        """Sidecar injection wins over ambient (the pod gets sidecar.istio.io/status, §3).
+
+        Enrollment differs per datapath. 1.18 (reference §3): the namespace label, unless the
+        pod is annotated ``ambient.istio.io/redirection: disabled``. inpod (inpod reference
+        §2.3, the chart's enablement selectors): the pod label ``istio.io/dataplane-mode:
+        ambient``, or the namespace label with a pod label other than ``none``; the redirection
+        annotation is istio-cni's output there, not an input."""
         mode = self.mode_of_namespace(pod.namespace)
         if pod.labels.get("sidecar.istio.io/inject") == "false" or pod.annotations.get("sidecar.istio.io/inject") == "false":
             mode = "plain" if mode == "sidecar" else mode
+        if self.datapath == istio.DATAPATH_INPOD:
+            label = pod.labels.get(istio.LABEL_DATAPLANE_MODE)
+            if mode != "sidecar":
+                if label == istio.DATAPLANE_MODE_AMBIENT:
+                    mode = "ambient"
+                elif label == istio.DATAPLANE_MODE_NONE:
+                    mode = "plain"
+            return mode
         if mode == "ambient" and pod.annotations.get(istio.ANNOTATION_REDIRECTION) == "disabled":
             mode = "plain"
         return mode
 
     @property
     def has_ambient(self) -> bool:
-        return any(self.mode_of_namespace(ns) == "ambient" for ns in self.namespaces)
+        """Whether the lab runs ztunnels: an ambient namespace, or (inpod) a pod enrolled by its own label."""
+        return (any(self.mode_of_namespace(ns) == "ambient" for ns in self.namespaces)
+                or any(self.mode_of_pod(p) == "ambient" for p in self.pods))
 
 
 def _unique(names: list[str], what: str) -> None:

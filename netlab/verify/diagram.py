@@ -177,8 +177,9 @@ def write_nofollow(path: str, text: str) -> None:
         f.write(text)
 
 
-def plan_for(target: str) -> tuple[Any, Any]:
-    """(plan, lab or None): a running lab of that name, else a topology planned without root."""
+def plan_for(target: str, datapath: str | None = None) -> tuple[Any, Any]:
+    """(plan, lab or None): a running lab of that name, else a topology planned without root
+    (``datapath``: instead of the topology's own; a running lab has the one it was made with)."""
     from netlab.lab import Lab
 
     try:
@@ -187,13 +188,16 @@ def plan_for(target: str) -> tuple[Any, Any]:
         running = False
     if running:
         lab = Lab.attach(target)
+        if datapath is not None and datapath != lab.plan.datapath:
+            raise UsageError(f"lab {target!r} runs datapath {lab.plan.datapath}; --datapath {datapath} is for "
+                             "topologies (bring it up with that datapath under another --name to draw it)")
         return lab.plan, lab
     from netlab.plan.build import build_plan
     from netlab.topology.load import load_topology, resolve
 
     path = resolve(target)
     topo = load_topology(path)
-    return build_plan(topo, lab=topo.name, tunnel="userspace", source=str(path)), None
+    return build_plan(topo, lab=topo.name, tunnel="userspace", source=str(path), datapath=datapath), None
 
 
 def trace_title(plan: Any, d: dict[str, Any]) -> str:
@@ -203,10 +207,10 @@ def trace_title(plan: Any, d: dict[str, Any]) -> str:
     return f"{plan.lab}: trace {d.get('from')} → {d.get('to')} · {len(d.get('hops') or [])} hops · {verdict}"
 
 
-def draw(target: str, output: str, trace: tuple[str, str] | None = None) -> str:
+def draw(target: str, output: str, trace: tuple[str, str] | None = None, datapath: str | None = None) -> str:
     """``netlab diagram`` as a function: draw TARGET (lab or topology), optionally tracing
     FROM TO first (a running lab only); returns the one-line summary."""
-    plan, lab = plan_for(target)
+    plan, lab = plan_for(target, datapath)
     hops: list[Hop] = []
     title = None
     if trace:
@@ -225,7 +229,7 @@ def draw(target: str, output: str, trace: tuple[str, str] | None = None) -> str:
 
 def run_cli(args: Any) -> int:
     """Entry of ``netlab diagram``."""
-    print(draw(args.target, args.output, tuple(args.trace) if args.trace else None))
+    print(draw(args.target, args.output, tuple(args.trace) if args.trace else None, getattr(args, "datapath", None)))
     return 0
 
 

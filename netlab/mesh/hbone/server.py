@@ -113,8 +113,10 @@ class HboneServer:
         check_authority: bool = True,
         on_relay_done: RelayDone | None = None,
         handshake_timeout: float = HANDSHAKE_AND_PREFACE_TIMEOUT_S,
+        non_connect_status: int = 404,
     ) -> None:
         self.handler = handler
+        self.non_connect_status = non_connect_status  # 404 in ztunnel 1.18, 400 in 1.30 (inpod §3.5)
         self.cert_for = cert_for
         self.default_cert = default_cert
         self.ca = ca
@@ -297,7 +299,7 @@ class HboneServer:
 
     def _precheck(self, conn: HboneConnection, method: str | None, dest: Address | None) -> int | None:
         if method != "CONNECT":
-            return 404
+            return self.non_connect_status
         if dest is None:
             return 400
         if self.check_authority:

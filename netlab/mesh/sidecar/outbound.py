@@ -15,6 +15,13 @@ supports a tunnel into an internal ``connect_originate`` address, so:
 
 The sidecar runs as uid 1337, so its own upstream sockets are exempt from capture (§6) and it
 never needs to bind or spoof a source: the kernel picks the pod IP.
+
+Istio 1.30.3 (the in-pod datapath; inpod reference §4.3-§4.4) differs in two ways: **sidecars
+ignore waypoints** (#50363: EDS "intentionally does not take into account waypoints"), so the
+tunnel always goes to ``<endpoint pod IP>:15008``; and an endpoint that is itself a sidecar pod
+(``TLSMode istio``) stays on classic mTLS (plain TCP in the lab) even when it carries the tunnel
+label, since ``PILOT_PREFER_SENDING_HBONE`` is off. No ``baggage`` header either
+(``AMBIENT_ENABLE_BAGGAGE`` off).
 """
 
 from __future__ import annotations
@@ -74,6 +81,10 @@ def route_outbound(reg: Registry, orig: Address, *, hbone_port: int = istio.HBON
             return OutboundRoute("no_endpoint", None)
         return OutboundRoute("passthrough", orig)
     wl, target_port = res
+    if reg.inpod:
+        if wl.protocol == "HBONE" and wl.mode in ("ambient", "waypoint"):
+            return OutboundRoute("hbone", (wl.ip, hbone_port), endpoint=wl, authority=format_authority(wl.ip, target_port))
+        return OutboundRoute("tcp", (wl.ip, target_port), endpoint=wl)
     if wl.protocol == "HBONE":
         wp = reg.waypoint_of(wl)
         tunnel_ip = wp.ip if wp is not None else wl.ip
@@ -123,7 +134,8 @@ class Outbound(RedirectListener):
             if route.kind == "hbone":
                 leg.proto, leg.authority = "hbone", route.authority
                 up = await connect_originate(leg, route.target, route.authority, cert=self.cert, ca=self.ca,
-                                             expected_identity=self.sans, headers={"baggage": self.baggage})
+                                             expected_identity=self.sans,
+                                             headers=None if self.reg.inpod else {"baggage": self.baggage})
                 leg.dst_id = up.peer_identity or ""
             else:
                 up = await tcp_connect(route.target, timeout=TCP_CONNECT_TIMEOUT_S)

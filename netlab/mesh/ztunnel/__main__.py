@@ -13,6 +13,7 @@ from netlab.mesh.bootstrap import MeshContext
 from netlab.mesh.process import run_proxy
 from netlab.mesh.ztunnel.app import Ztunnel, start
 from netlab.mesh.ztunnel.config import ZtunnelConfig
+from netlab.state import StateDir
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +28,9 @@ async def _start(args: argparse.Namespace, p: argparse.ArgumentParser) -> Ztunne
     own_ip = ctx.registry.ztunnels.get(args.node)
     if own_ip is None:
         p.error(f"no ztunnel for node {args.node!r} in the registry (nodes: {sorted(ctx.registry.ztunnels)})")
-    cfg = ZtunnelConfig(lab=args.lab, node=args.node, own_ip=own_ip, transparent=not args.no_transparent)
+    # istiod's release decides the mode: in-pod, the node agent hands over the pods (ZDS)
+    zds = StateDir(ctx.state_dir).zds_socket(args.node) if ctx.registry.inpod else None
+    cfg = ZtunnelConfig(lab=args.lab, node=args.node, own_ip=own_ip, transparent=not args.no_transparent, zds=zds)
     return await start(cfg, ctx)
 
 

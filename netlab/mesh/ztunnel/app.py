@@ -1,4 +1,9 @@
-"""Start one ztunnel: bind every listener, then announce readiness (ztunnel ``app.rs``)."""
+"""Start one ztunnel: bind every listener, then announce readiness (ztunnel ``app.rs``).
+
+1.18 (TPROXY into ztunnel's own netns): 15001, 15006, 15008 and 15021 there. In-pod: 15021 in
+its own netns, and a proxy per enrolled pod inside that pod (:mod:`.inpod`); ready once the node
+agent's first snapshot is in.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from netlab.mesh import sockets
@@ -18,6 +24,7 @@ from netlab.mesh.ztunnel import inbound_passthrough, outbound
 from netlab.mesh.ztunnel.authz import Authorizer, PolicyAuthorizer, for_registry
 from netlab.mesh.ztunnel.config import ZtunnelConfig
 from netlab.mesh.ztunnel.inbound import Inbound
+from netlab.mesh.ztunnel.inpod import InpodManager
 from netlab.mesh.ztunnel.proxy import ProxyInputs
 
 log = logging.getLogger("netlab.ztunnel")
@@ -30,6 +37,7 @@ class Ztunnel:
     pi: ProxyInputs
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     inbound: Inbound | None = None
+    inpod: InpodManager | None = None
 
     @property
     def ports(self) -> dict[str, int]:
@@ -40,10 +48,15 @@ class Ztunnel:
     @property
     def ready_fields(self) -> dict[str, Any]:
         c = self.pi.cfg
-        return {"app": "ztunnel", "name": c.component, "node": c.node, "ip": c.own_ip, "ports": self.ports,
-                "transparent": c.transparent}
+        fields = {"app": "ztunnel", "name": c.component, "node": c.node, "ip": c.own_ip, "ports": self.ports,
+                  "transparent": c.transparent}
+        if self.inpod is not None:
+            fields.update(mode="inpod", zds=str(c.zds), pods=self.inpod.pods())
+        return fields
 
     async def close(self) -> None:
+        if self.inpod is not None:
+            await self.inpod.close()
         for s in self.servers:
             s.close()
         if self.inbound is not None:
@@ -93,6 +106,8 @@ async def start(cfg: ZtunnelConfig, ctx: MeshContext, *, authz: Authorizer | Non
         writer = _PolicyConnLog(writer, authz)
     pi = ProxyInputs(cfg=cfg, ctx=ctx, legs=LegRecorder(cfg.component, writer), authz=authz)
     zt = Ztunnel(pi)
+    if cfg.zds is not None:
+        return await _start_inpod(zt, cfg.zds)
     try:
         for port, handler in ((cfg.outbound_port, outbound.handle),
                               (cfg.inbound_plaintext_port, inbound_passthrough.handle)):
@@ -103,6 +118,19 @@ async def start(cfg: ZtunnelConfig, ctx: MeshContext, *, authz: Authorizer | Non
         zt.inbound = Inbound(pi)
         await zt.inbound.server.start(sockets.listener(cfg.bind, cfg.inbound_port, transparent=cfg.transparent))
         zt.servers.append(await serve_readiness(cfg.bind, cfg.readiness_port))
+    except BaseException:
+        await zt.close()
+        raise
+    return zt
+
+
+async def _start_inpod(zt: Ztunnel, zds: Path) -> Ztunnel:
+    """In-pod: no listener in our own netns but readiness; the node agent's pods, each with its
+    proxy in its own netns, then ready (ztunnel's readiness waits for the first snapshot)."""
+    try:
+        zt.inpod = await InpodManager(zt.pi, zds).start()
+        await zt.inpod.first_snapshot.wait()
+        zt.servers.append(await serve_readiness(zt.pi.cfg.bind, zt.pi.cfg.readiness_port, zt.inpod.ready))
     except BaseException:
         await zt.close()
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from netlab import istio
 
@@ -32,6 +33,13 @@ class ZtunnelConfig:
     hbone_port: int = istio.HBONE_PORT  # port dialled on peers (pods/waypoints)
     transparent: bool = True
     connect_timeout: float = istio.CONNECT_TIMEOUT_S
+    #: the in-pod mode (datapath inpod): listeners inside each enrolled pod, handed over by
+    #: istio-cni's node agent on this ZDS socket; ztunnel's own netns keeps readiness only
+    zds: Path | None = None
+
+    @property
+    def inpod(self) -> bool:
+        return self.zds is not None
 
     @property
     def component(self) -> str:

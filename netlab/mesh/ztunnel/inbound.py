@@ -14,9 +14,10 @@ from netlab.mesh.connlog import addr
 from netlab.mesh.endpoint import Endpoint
 from netlab.mesh.hbone import ConnectRequest, HboneServer
 from netlab.mesh.relay import tcp_connect
+from netlab.mesh.sockets import MakeSocket, client_socket
 from netlab.mesh.ztunnel.config import LISTENER_INBOUND
 from netlab.mesh.ztunnel.proxy import ProxyInputs
-from netlab.mesh.ztunnel.route import Reject, local_workload, plan_inbound
+from netlab.mesh.ztunnel.route import InboundRoute, Reject, local_workload, plan_inbound
 
 
 class Inbound:
@@ -33,23 +34,36 @@ class Inbound:
 
     async def handle(self, req: ConnectRequest) -> int | Endpoint:
         pi = self.pi
-        leg = pi.legs.start(LISTENER_INBOUND, req.peer_addr, req.authority, req.local_addr,
-                            authority=req.authority, src_id=req.peer_identity or "")
         d = plan_inbound(pi.registry, pi.cfg.node, req.local_addr[0], req.peer_addr[0], req.peer_identities,
                          req.dest, req.forwarded_for, authz=pi.authz)
-        if isinstance(d, Reject):
-            leg.extra["reason"] = d.reason
-            pi.legs.record(leg, str(d.status))
-            return d.status or 400
-        leg.dst_id = d.dst.identity
-        leg.up_dst = addr(d.target)
-        if d.from_waypoint:
-            leg.extra["via_waypoint"] = True
-        source, transparent = pi.spoof(d.source_ip)
-        try:
-            up = await tcp_connect(d.target, source=source, transparent=transparent, timeout=pi.cfg.connect_timeout)
-        except (OSError, TimeoutError) as e:
-            leg.extra["error"] = str(e)[:200]
-            pi.legs.record(leg, "503")
-            return 503
-        return pi.legs.park(req, leg, up)
+        return await serve_inbound(pi, req, d)
+
+
+async def serve_inbound(pi: ProxyInputs, req: ConnectRequest, d: InboundRoute | Reject, *,
+                        make: MakeSocket | None = None, pod: str = "") -> int | Endpoint:
+    """One CONNECT, decided (``d``): its leg, the refusal's status, or the app's end connected
+    from ``d.source_ip`` (``make``: in-pod, the socket is made in the pod ``pod``)."""
+    leg = pi.legs.start(LISTENER_INBOUND, req.peer_addr, req.authority, req.local_addr,
+                        authority=req.authority, src_id=req.peer_identity or "")
+    if pod:
+        leg.extra["pod"] = pod
+    if isinstance(d, Reject):
+        leg.extra["reason"] = d.reason
+        pi.legs.record(leg, str(d.status))
+        return d.status or 400
+    leg.dst_id = d.dst.identity
+    leg.up_dst = addr(d.target)
+    if d.from_waypoint:
+        leg.extra["via_waypoint"] = True
+    source, transparent = pi.spoof(d.source_ip)
+    sock = client_socket(d.target, source, transparent, make=make) if make is not None else None
+    try:
+        up = await tcp_connect(d.target, source=source, transparent=transparent, sock=sock,
+                               timeout=pi.cfg.connect_timeout)
+    except (OSError, TimeoutError) as e:
+        if sock is not None:
+            sock.close()
+        leg.extra["error"] = str(e)[:200]
+        pi.legs.record(leg, "503")
+        return 503
+    return pi.legs.park(req, leg, up)

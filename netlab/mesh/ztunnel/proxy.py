@@ -19,7 +19,7 @@ from netlab.mesh.endpoint import Endpoint
 from netlab.mesh.legs import LegRecorder
 from netlab.mesh.registry import Registry, Workload
 from netlab.mesh.relay import TcpStream, tcp_connect
-from netlab.mesh.sockets import Address
+from netlab.mesh.sockets import Address, MakeSocket, client_socket
 from netlab.mesh.ztunnel.authz import AllowAll, Authorizer
 from netlab.mesh.ztunnel.config import ZtunnelConfig
 from netlab.mesh.ztunnel.route import Reject, Route
@@ -62,10 +62,11 @@ class ProxyInputs:
         return (source_ip, 0), True
 
 
-def hbone_headers(src: Workload | None, client_ip: str) -> list[tuple[str, str]]:
-    """ztunnel's CONNECT headers: baggage of the source workload, Forwarded for=, traceparent."""
+def hbone_headers(src: Workload | None, client_ip: str, reg: Registry | None = None) -> list[tuple[str, str]]:
+    """ztunnel's CONNECT headers: baggage of the source workload, Forwarded for=, traceparent.
+    (1.30.3 sends ``baggage`` only with ``AMBIENT_ENABLE_BAGGAGE``, off by default, inpod §4.3.)"""
     hdrs: list[tuple[str, str]] = []
-    if src is not None:
+    if src is not None and not (reg is not None and reg.inpod):
         hdrs.append((hbone.BAGGAGE_HEADER, hbone.baggage_header(
             namespace=src.namespace, workload_name=src.name, service_name=src.app or src.name)))
     hdrs.append((hbone.FORWARDED_HEADER, hbone.forwarded_header(client_ip)))
@@ -73,19 +74,27 @@ def hbone_headers(src: Workload | None, client_ip: str) -> list[tuple[str, str]]
     return hdrs
 
 
-async def open_upstream(pi: ProxyInputs, route: Route, client_ip: str) -> Endpoint:
+async def open_upstream(pi: ProxyInputs, route: Route, client_ip: str, make: MakeSocket | None = None) -> Endpoint:
     """Connect where ``route`` says: HBONE (mTLS as the source workload) or plain TCP, from the
-    spoofed ``route.source_ip`` (or our own IP). Raises HboneError / OSError / TimeoutError."""
+    spoofed ``route.source_ip`` (or our own IP). ``make``: where the socket is made (in-pod: the
+    pod's :class:`~netlab.mesh.sockets.PodSocketFactory`). Raises HboneError / OSError / TimeoutError."""
     source, transparent = pi.spoof(route.source_ip)
+    sock = client_socket(route.addr, source, transparent, make=make) if make is not None else None
     if route.hbone:
         assert route.client_identity is not None
         cert, key = pi.ctx.cert_for(route.client_identity)
         src_wl = pi.registry.workload(client_ip)
-        return await hbone.hbone_connect(
+        return await hbone.hbone_connect(  # (closes ``sock`` if it fails)
             route.addr, route.authority, client_cert=cert, client_key=key, ca=pi.ca,
-            expected_identity=route.expected_identity, headers=hbone_headers(src_wl, client_ip),
-            source=source, transparent=transparent, timeout=pi.cfg.connect_timeout)
-    return await tcp_connect(route.addr, source=source, transparent=transparent, timeout=pi.cfg.connect_timeout)
+            expected_identity=route.expected_identity, headers=hbone_headers(src_wl, client_ip, pi.registry),
+            source=source, transparent=transparent, sock=sock, timeout=pi.cfg.connect_timeout)
+    try:
+        return await tcp_connect(route.addr, source=source, transparent=transparent, sock=sock,
+                                 timeout=pi.cfg.connect_timeout)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        raise
 
 
 def upstream_failure(e: BaseException) -> str:
@@ -98,17 +107,24 @@ def upstream_failure(e: BaseException) -> str:
 Decide = Callable[[str, Address], Route | Reject]
 
 
-async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide: Decide) -> None:
+async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide: Decide, *,
+                         make: MakeSocket | None = None, pod: str = "") -> None:
     """One captured TCP connection (15001 or 15006): decide, connect upstream, relay, log one leg.
 
     A rejected or failed connection is reset (RST), as ztunnel drops the socket on error.
+    In-pod (``pod``: the enrolled pod whose netns the listener is in; ``make``: its socket
+    factory), the original destination is ``SO_ORIGINAL_DST`` (REDIRECT), the upstream socket is
+    made in the pod, and the leg says which pod (``extra.pod``).
     """
     peer, local = down.peer_addr, down.local_addr
-    if not peer or not local:  # the client went away between accept and here
+    orig = down.original_dst() if pod else local
+    if not peer or not local or not orig:  # the client went away between accept and here
         down.abort()
         return
-    leg = pi.legs.start(listener, peer, addr(local), local)
-    d = decide(peer[0], local)
+    leg = pi.legs.start(listener, peer, addr(orig), local)
+    if pod:
+        leg.extra["pod"] = pod
+    d = decide(peer[0], orig)
     if isinstance(d, Reject):
         down.abort()
         leg.extra["reason"] = d.reason
@@ -125,7 +141,7 @@ async def serve_captured(pi: ProxyInputs, down: TcpStream, listener: str, decide
     leg.dst_id = d.expected_identity or (d.dst.identity if d.dst else "")
     leg.extra["route"] = d.kind
     try:
-        up = await open_upstream(pi, d, peer[0])
+        up = await open_upstream(pi, d, peer[0], make)
     except Exception as e:  # noqa: BLE001 - every failure is a reset plus a log line
         down.abort()
         leg.up_src = addr(e.local_addr if isinstance(e, hbone.HboneError) else None)

@@ -189,3 +189,96 @@ def plan_plaintext(reg: Registry, node: str, own_ip: str, peer_ip: str, orig_dst
         if not (authz or AllowAll()).allow(conn):
             return Reject("Denied")
     return Route(kind="local", addr=orig_dst, source_ip=peer_ip, dst=dst, target=orig_dst)
+
+
+# ================================================================================================
+# ztunnel 1.30.3, in-pod (inpod reference §3.4-§3.6): one set of listeners per enrolled pod, so
+# the source workload is the pod whose netns the listener is in, and nothing is spoofed outbound.
+# ================================================================================================
+_OWN_PORTS = (15001, 15006, 15008)  # istio.ZTUNNEL_OUTBOUND_PORT, ..._INBOUND_PLAINTEXT_PORT, HBONE_PORT
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def plan_outbound_inpod(reg: Registry, src: Workload, orig_dst: tuple[str, int], *, hbone_port: int = 15008,
+                        rng: random.Random | None = None) -> Decision:
+    """Outbound (15001 in ``src``'s netns; ZOUT ``build_request`` L536-730):
+
+    1. a loopback destination on 15001/15006/15008 is ``SelfCall`` (L185-190);
+    2. a Service VIP: its waypoint if the Service has one (``istio.io/use-waypoint``) -> HBONE to
+       the waypoint pod's 15008, ``:authority <VIP>:<port>``; else an endpoint; none ->
+       ``NoHealthyUpstream``;
+    3. then by the workload's ``tunnel_protocol``: HBONE (enrolled pods, waypoints, sidecars
+       labelled ``networking.istio.io/tunnel=http``) -> ``<podIP>:15008`` with ``:authority
+       <podIP>:<targetPort>``; else plain TCP to ``<podIP>:<targetPort>``; an unknown address ->
+       plain TCP to itself (passthrough).
+
+    No same-node fast path (#915) and no waypoint for pod-addressed traffic (``waypoint-for:
+    service``). ``source_ip`` is None: the upstream socket is made in the pod's netns, its source
+    is the pod's own IP.
+    """
+    if _is_loopback(orig_dst[0]) and orig_dst[1] in _OWN_PORTS:
+        return Reject("SelfCall")
+    svc = reg.service(orig_dst[0], orig_dst[1])
+    if svc is not None:
+        wp = reg.service_waypoint(svc)
+        if wp is not None and wp.ip != src.ip:
+            return Route(kind="waypoint", addr=(wp.ip, hbone_port), source_ip=None, target=orig_dst,
+                         authority=format_authority(*orig_dst), expected_identity=wp.identity,
+                         client_identity=src.identity)
+    resolved = reg.resolve(orig_dst[0], orig_dst[1], rng)
+    if resolved is None:
+        if svc is not None:
+            return Reject("NoHealthyUpstream")
+        return Route(kind="passthrough", addr=orig_dst, source_ip=None, client_identity=src.identity)
+    dst, port = resolved
+    target = (dst.ip, port)
+    if dst.protocol == "HBONE":
+        return Route(kind="hbone", addr=(dst.ip, hbone_port), source_ip=None, dst=dst, target=target,
+                     authority=format_authority(*target), expected_identity=dst.identity,
+                     client_identity=src.identity)
+    return Route(kind="tcp", addr=target, source_ip=None, dst=dst, target=target, client_identity=src.identity)
+
+
+def plan_inbound_inpod(reg: Registry, pod: Workload, local_ip: str, peer_ip: str, peer_identities: tuple[str, ...],
+                       authority: tuple[str, int] | None, *, authz: Authorizer | None = None) -> InboundRoute | Reject:
+    """Inbound HBONE (15008 in ``pod``'s netns; ZIN ``inbound.rs``), checks in 1.30.3's order:
+
+    the authority unparsable -> 400; the local workload missing -> 503; ``validate_destination``:
+    the authority's IP must be the connection's destination (``local_ip``) -> else 400
+    ``IPMismatch``; a target port of ztunnel's own (15001/15006/15008) -> 503; RBAC -> 401. No
+    waypoint-bypass check (#873): a caller that skipped the waypoint is served like any other.
+    The app is reached from the TCP peer of the 15008 connection (not ``Forwarded``)."""
+    if authority is None:
+        return Reject("BadAuthority", 400)
+    wl = reg.workload(pod.ip)
+    if wl is None or not _same_ip(local_ip, pod.ip):
+        return Reject("UnknownWorkload", 503)
+    if not _same_ip(authority[0], local_ip):
+        return Reject("IPMismatch", 400)
+    if authority[1] in _OWN_PORTS:
+        return Reject("BadPort", 503)
+    ident = peer_identities[0] if peer_identities else None
+    conn = Connection(src_identity=ident, src_ip=peer_ip, dst=wl, dst_port=authority[1])
+    if not (authz or AllowAll()).allow(conn):
+        return Reject("Denied", 401)
+    return InboundRoute(dst=wl, target=(wl.ip, authority[1]), source_ip=peer_ip,
+                        from_waypoint=any(reg.is_waypoint_identity(i) for i in peer_identities))
+
+
+def plan_plaintext_inpod(reg: Registry, pod: Workload, peer_ip: str, orig_dst: tuple[str, int], *,
+                         authz: Authorizer | None = None) -> Decision:
+    """Inbound plaintext (15006 in ``pod``'s netns; ZPT L125-246): RBAC without an identity
+    (a deny closes the connection), then the original destination from the peer's IP. No
+    waypoint hairpin in 1.30.3."""
+    if orig_dst[1] in _OWN_PORTS:
+        return Reject("SelfCall")
+    conn = Connection(src_identity=None, src_ip=peer_ip, dst=pod, dst_port=orig_dst[1])
+    if not (authz or AllowAll()).allow(conn):
+        return Reject("Denied")
+    return Route(kind="local", addr=orig_dst, source_ip=peer_ip, dst=pod, target=orig_dst)
