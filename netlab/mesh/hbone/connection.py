@@ -457,6 +457,8 @@ class HboneConnection(TlsProtocol):
                 s._on_reset(StreamReset(f"stream unusable: {e}"))
                 return
             self._send(self.h2.data_to_send())
+            if s.done.done():
+                self._stream_closed(s)
         if kick:
             self._kick()
         if s._write_blocked and s._out_bytes < WRITE_LOW:
@@ -515,6 +517,11 @@ class HboneConnection(TlsProtocol):
 
     def _stream_closed(self, s: HboneStream) -> None:
         if not s.done.done():
+            return
+        if (s._out or s._end_pending) and s.reset_exc is None and not self.lost:
+            # done (both ends half-closed) with bytes still waiting for the peer's credit: the
+            # stream stays until they and END_STREAM are sent (_flush_stream comes back here),
+            # as a TCP socket sends its buffer after shutdown(SHUT_WR)
             return
         self.streams.pop(s.stream_id, None)
         # ztunnel 1.18: one CONNECT per connection; the client hangs up when its stream is over.
