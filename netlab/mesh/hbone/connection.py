@@ -159,7 +159,7 @@ class HboneConnection(TlsProtocol):
         That record is one whole DATA frame (no padding, no END_STREAM) of a stream relayed to
         TCP, arriving between frames: its payload goes to the TCP transport from here, with
         what ``FrameReader.feed``, :meth:`on_data`, ``Endpoint._on_data``, ``Endpoint.write``
-        and ``_t_consumed`` would do written out (flow control, counts, credit), so that a
+        would do written out (flow control, counts), then ``_t_consumed`` (credit), so that a
         request costs one Python call on this side instead of six. Anything else (and any
         stream or sink in an unusual state) takes the general path.
         """
@@ -179,13 +179,7 @@ class HboneConnection(TlsProtocol):
                     s.bytes_received += n
                     sink.bytes_sent += n
                     w(chunk[frames.HEADER_LEN:] if n < 4096 else memoryview(chunk)[frames.HEADER_LEN:])
-                    if s._pause_reasons:
-                        s._unacked += n  # back-pressure: no credit while paused
-                    else:
-                        s._recv_unacked += n
-                        self._recv_unacked += n
-                        if s._recv_unacked >= CREDIT_AT or self._recv_unacked >= CREDIT_AT:
-                            self._credit(s, 0)
+                    s._t_consumed(n)  # credit (held back while paused)
                     return
         reader.feed(chunk)
 
@@ -239,7 +233,7 @@ class HboneConnection(TlsProtocol):
         """A piece of DATA (FrameReader): flow control, then to the stream.
 
         A relayed stream's bytes go to its sink here, with the bookkeeping of
-        ``Endpoint._on_data`` and ``_t_consumed`` written out: this runs for every record.
+        ``Endpoint._on_data`` written out: this runs for every record.
         """
         n = len(data)
         s = self.streams.get(sid)
@@ -262,13 +256,7 @@ class HboneConnection(TlsProtocol):
             else:
                 s.bytes_received += n
                 sink.write(data)
-                if s._pause_reasons:
-                    s._unacked += n  # back-pressure: no credit while paused
-                else:
-                    s._recv_unacked += n
-                    self._recv_unacked += n
-                    if s._recv_unacked >= CREDIT_AT or self._recv_unacked >= CREDIT_AT:
-                        self._credit(s, 0)
+                s._t_consumed(n)  # credit (held back while paused)
         if end_stream:
             self._h2_feed(frames.data_header(0, sid, True))  # h2's stream state: half-closed (remote)
             s._on_eof()
