@@ -90,7 +90,12 @@ def script(tmp_path_factory) -> Path:
 async def node_client(script: Path, args: dict) -> dict:
     proc = await asyncio.create_subprocess_exec(NODE, str(script), json.dumps(args), stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:  # timed out: our own child, by its handle
+            proc.kill()
+            await proc.wait()
     lines = out.decode().splitlines()
     assert lines, f"node printed nothing; stderr: {err.decode()[-500:]}"
     return json.loads(lines[-1])
