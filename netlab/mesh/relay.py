@@ -129,6 +129,23 @@ class TcpStream(Endpoint):
         t.set_protocol(protocol)
         return True
 
+    def _feed_into(self, sink: Endpoint) -> bool:
+        """Hand every chunk this socket receives to ``sink.tcp_input(self)`` if the sink has one.
+
+        An endpoint whose transport is not a socket (an HBONE stream) cannot take the TCP ->
+        TCP shortcut above, but it may offer a ``tcp_input(src)`` that does what ``_on_data``
+        and its own ``write`` would do for a chunk, in one Python call
+        (:meth:`netlab.mesh.hbone.HboneStream.tcp_input`); it counts ``bytes_received`` itself.
+        EOF, reset and pause/resume go through the protocol's other methods as before.
+        """
+        make = getattr(sink, "tcp_input", None)
+        t, protocol = self._transport, self.protocol
+        if make is None or t is None or protocol is None or t.is_closing():
+            return False
+        protocol.data_received = make(self)  # type: ignore[method-assign]
+        t.set_protocol(protocol)  # uvloop caches the method
+        return True
+
     def _sync_direct(self) -> None:
         """``bytes_received`` from the kernel's count (direct mode only)."""
         if self._ksock is not None:
@@ -142,8 +159,8 @@ class TcpStream(Endpoint):
             self._sync_direct()
             self._ksock.close()
             self._ksock = None
-            if self.protocol is not None:
-                self.protocol.__dict__.pop("data_received", None)
+        if self.protocol is not None:  # (_feed_into's function refers to us: a cycle otherwise)
+            self.protocol.__dict__.pop("data_received", None)
 
     @property
     def sock(self) -> Any:
@@ -175,6 +192,14 @@ class TcpStream(Endpoint):
     def _t_write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._transport is not None
         self._transport.write(data)
+
+    @property
+    def transport_write(self) -> Callable[[bytes | memoryview], object] | None:
+        """The transport's own ``write``, for a relay's per-chunk path that does what
+        :meth:`write` does around it (no write once ``reset_exc`` or ``eof_sent`` is set; count
+        ``bytes_sent``): :meth:`netlab.mesh.hbone.HboneStream._attach` keeps it."""
+        t = self._transport
+        return t.write if t is not None else None
 
     def _t_write_eof(self) -> None:
         if self._transport is not None and not self._transport.is_closing():
@@ -297,8 +322,13 @@ async def relay(downstream: Endpoint, upstream: Endpoint) -> RelayResult:
     down0 = upstream.bytes_received - upstream._buffered
     downstream._attach(upstream)
     upstream._attach(downstream)
-    if type(downstream) is TcpStream and type(upstream) is TcpStream and downstream._go_direct(upstream):
-        upstream._go_direct(downstream)
+    if type(downstream) is TcpStream and type(upstream) is TcpStream:
+        if downstream._go_direct(upstream):
+            upstream._go_direct(downstream)
+    elif type(downstream) is TcpStream:
+        downstream._feed_into(upstream)
+    elif type(upstream) is TcpStream:
+        upstream._feed_into(downstream)
     try:
         pending = {downstream.done, upstream.done}
         while pending:

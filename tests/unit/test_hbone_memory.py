@@ -6,8 +6,8 @@ waypoint 38 -> 612 MiB over ~7000 connections) while fd counts stayed flat and a
 reference cycles (relay sink <-> producer, stream -> connection -> TLS transport, h2's
 ``H2Connection`` bound-method table, stored exceptions with tracebacks), so closing a connection
 freed nothing; only a full cyclic-GC pass did, and a proxy holding many long-lived objects runs
-one rarely. Meanwhile each dead connection pinned its TLS transport (uvloop's SSLProtocol keeps a
-256 KiB read buffer, plus the OpenSSL SSL object and BIOs) and ~350 h2 objects.
+one rarely. Meanwhile each dead connection pinned its TLS state (then uvloop's SSLProtocol with a
+256 KiB read buffer; now the OpenSSL SSL object and BIOs, the frame reader) and ~350 h2 objects.
 
 So these tests count live objects *with the cyclic GC switched off*: after N connections through a
 waypoint-shaped chain (client -> HboneServer A, whose handler opens an HBONE client to
@@ -41,8 +41,8 @@ CLIENT_ID, DEFAULT_ID = spiffe_id("foo", "sleep"), spiffe_id("istio-system", "zt
 
 # one of each exists per connection (or per stream / TLS side); any left over is a leak
 PER_CONNECTION = (
-    "HboneConnection", "HboneStream", "TcpStream", "_TcpProtocol", "_H2State", "H2Stream", "SSLObject",
-    "SSLProtocol", "_SSLProtocolTransport", "MemoryBIO", "ConnectRequest", "RelayResult", "StreamReset",
+    "HboneConnection", "HboneStream", "TcpStream", "_TcpProtocol", "H2Connection", "H2Stream", "FrameReader",
+    "SSLObject", "MemoryBIO", "ConnectRequest", "RelayResult", "StreamReset",
 )
 
 # the proxies run on uvloop when it is installed (install_fast_loop)

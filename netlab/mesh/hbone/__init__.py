@@ -6,8 +6,13 @@ HBONE legs and the waypoint. Behaviour mirrors ztunnel 1.18 (ZT-TLS ``boring.rs`
 
 * :mod:`.headers`: baggage, Forwarded, traceparent and ``:authority`` (pure strings);
 * :mod:`.tls`: TLS 1.3 contexts with ALPN ``h2``, the peer's URI SANs, the handshake limits;
-* :mod:`.connection`: one TLS connection's HTTP/2 state and its CONNECT streams (each an
-  :class:`~netlab.mesh.endpoint.Endpoint`), with the zero-copy DATA paths;
+* :mod:`.frames`: RFC 9113 framing of the frames an established tunnel lives on (DATA,
+  WINDOW_UPDATE, PING, RST_STREAM, GOAWAY), read without frame objects or payload copies;
+* :mod:`.tls_protocol`: TLS driven by hand on a TCP transport (records filled to 16 KiB, one
+  encryption and one ``send`` per turn);
+* :mod:`.stream`: one CONNECT stream as an :class:`~netlab.mesh.endpoint.Endpoint`;
+* :mod:`.connection`: HTTP/2 on one TLS connection: the tunnel's frames and flow control here,
+  the preface, SETTINGS and HEADERS/HPACK in the h2 library; the one-call-per-request paths;
 * :mod:`.client`: TCP -> mTLS -> one CONNECT, and its errors;
 * :mod:`.server`: the listener that answers CONNECTs and relays each accepted one.
 

@@ -96,13 +96,15 @@ async def hbone_connect(
                 return f"server identity {conn.peer_identities} != expected {list(wanted)}"
             return None
 
-        conn = HboneConnection(client_side=True, check=check)
+        conn = HboneConnection(client_side=True, check=check, context=ctx)
         try:
-            await loop.create_connection(
-                lambda: conn, sock=sock, ssl=ctx, server_hostname="", ssl_handshake_timeout=tls_timeout
-            )
+            await loop.create_connection(lambda: conn, sock=sock)
+            await conn.wait_handshake(tls_timeout)
         except (TimeoutError, ssl.SSLError, OSError) as e:
-            conn.release()  # connection_made/connection_lost will never come
+            if conn.transport is None:
+                conn.release()  # connection_made/connection_lost will never come
+            elif not conn.transport.is_closing():
+                conn.abort()  # (a failed handshake closes it after its alert); connection_lost releases it
             # e's traceback runs through the loop's frames holding the failed waiter (which holds
             # e): a cycle that would pin our frames (conn, sock); the message is what matters
             raise HboneTlsError(f"TLS handshake with {addr[0]}:{addr[1]} failed: {e!r}") from e.with_traceback(None)

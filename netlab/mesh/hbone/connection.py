@@ -1,188 +1,83 @@
-"""One HBONE connection: HTTP/2 over an asyncio TLS transport, and its CONNECT streams.
+"""One HBONE connection: HTTP/2 over hand-driven TLS, and its CONNECT streams.
 
-:class:`HboneConnection` binds h2's state machine to the transport; each CONNECT stream is an
-:class:`HboneStream`, an :class:`~netlab.mesh.endpoint.Endpoint` a relay can splice to TCP.
-Client (:mod:`.client`) and server (:mod:`.server`) differ only in who opens the streams.
+:class:`HboneConnection` is a :class:`~netlab.mesh.hbone.tls_protocol.TlsProtocol` (TLS on a
+plain TCP transport) that speaks HTTP/2 on it in two parts:
 
-HTTP/2 windows: 4 MiB stream and connection, max frame 1 MiB (``netlab.istio``).
+* the frames a tunnel lives on, DATA, WINDOW_UPDATE, PING, RST_STREAM and GOAWAY, are read by
+  :class:`~netlab.mesh.hbone.frames.FrameReader` and handled here, with flow control kept here:
+  DATA payloads go to their stream as memoryview pieces of the decrypted record, and DATA is
+  written as a 9-byte header plus the caller's bytes, encrypted together (no frame objects,
+  no copies beyond the small ones);
+* the connection preface, SETTINGS and HEADERS/CONTINUATION (HPACK) go to the h2 library,
+  which also keeps every stream's state: an END_STREAM that arrives on DATA is passed to it as
+  an empty DATA frame, a RST_STREAM after we acted on it, and streams end and reset through it.
 
-Performance: asyncio Protocols end to end (no StreamReader), 1 MiB DATA frames, received DATA
-chunks are handed to the other side without re-buffering (:meth:`HboneConnection._receive_fast`),
-credit is returned as bytes leave, and DATA is sent without h2's serialization copies
-(:meth:`HboneConnection._send_data_fast`).
+Each CONNECT stream is an :class:`~netlab.mesh.hbone.stream.HboneStream`. Client
+(:mod:`.client`) and server (:mod:`.server`) differ only in who opens the streams.
+
+HTTP/2 windows: 4 MiB stream and connection, max frame 1 MiB (``netlab.istio``); credit goes
+back when half a window was consumed (as h2 did), and is held back while a stream is paused
+(back-pressure: the peer stops at the window).
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
-import collections
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
-import h2
 import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
-from hyperframe.frame import DataFrame
 
 from netlab.istio import HBONE_ALPN, HBONE_MAX_FRAME, HBONE_WINDOW
-from netlab.mesh.endpoint import WRITE_HIGH, WRITE_LOW, Endpoint, StreamReset
+from netlab.mesh.endpoint import WRITE_HIGH, WRITE_LOW, StreamReset
+from netlab.mesh.hbone import frames
+from netlab.mesh.hbone.frames import (
+    DEFAULT_MAX_FRAME,
+    DEFAULT_WINDOW,
+    FLOW_CONTROL_ERROR,
+    MAX_WINDOW,
+    PROTOCOL_ERROR,
+    STREAM_CLOSED,
+    FrameError,
+    FrameReader,
+    StreamFrameError,
+)
+from netlab.mesh.hbone.stream import HboneStream, Headers
 from netlab.mesh.hbone.tls import peer_uri_sans
-from netlab.mesh.sockets import Address, set_linger_zero
+from netlab.mesh.hbone.tls_protocol import TLS_WRITE_HIGH, TLS_WRITE_LOW, TlsProtocol
+
+__all__ = ["TLS_WRITE_HIGH", "TLS_WRITE_LOW", "HboneConnection", "HboneStream", "Headers"]
 
 log = logging.getLogger("netlab.mesh.hbone")
 
-H2_DEFAULT_WINDOW = 65535
-TLS_WRITE_HIGH = 2 * 1024 * 1024
-TLS_WRITE_LOW = 512 * 1024
-H2_PREAMBLE_LEN = 24  # the client's connection preface "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" (RFC 9113 §3.4)
-# The zero-copy receive path calls H2Connection._receive_frame and the send path drives h2's
-# state machines directly (private, stable across h2 4.x); anything else uses the public API.
-_FAST_RX = h2.__version__.startswith("4.") and hasattr(h2.connection.H2Connection, "_receive_frame")
-try:
-    from h2.connection import ConnectionInputs as _ConnectionInputs
-    from h2.stream import StreamInputs as _StreamInputs
-
-    _FAST_TX = _FAST_RX
-except ImportError:  # pragma: no cover - other h2 versions
-    _FAST_TX = False
-
-Headers = list[tuple[str, str]]
-_REPR_HEAD = 11  # payload bytes a frame's repr shows: 22 hex digits, enough to decide on "..."
+#: Consumed bytes after which credit goes back (h2's WindowManager: half the window).
+CREDIT_AT = HBONE_WINDOW // 2
+_unpack_header = frames.HEADER.unpack_from
+_END_OR_PADDED = frames.FLAG_END_STREAM | frames.FLAG_PADDED
+_SETTINGS = h2.settings.SettingCodes
 
 
-class _DataView(DataFrame):
-    """A received DATA frame (or a piece of one) whose payload is a view of the bytes read.
-
-    h2 builds ``repr(frame)`` for every frame it receives, to log it, whether or not the logger
-    logs (``logger.trace("Received frame: %s", repr(frame))``); hyperframe's repr of a DATA
-    frame re-serializes the whole body (a 1 MiB join) and hexlifies all of it, to keep 20 hex
-    digits. Profiling the HBONE server showed that repr costing ~40 % of its CPU. This repr
-    gives the same string from the first bytes only.
-    """
-
-    def _body_repr(self) -> str:
-        head = binascii.hexlify(bytes(self.data[:_REPR_HEAD])).decode("ascii")
-        if not head:
-            return "None"
-        return "<hex:" + (head[:20] + "..." if len(head) > 20 else head) + ">"
+def _code_name(code: int) -> str:
+    try:
+        return repr(ErrorCodes(code))
+    except ValueError:
+        return f"0x{code:x}"
 
 
-class _H2State(h2.connection.H2Connection):
-    """h2's connection state machine, fed :class:`_DataView` frames on the zero-copy path.
+class HboneConnection(TlsProtocol):
+    """HTTP/2 over one TLS connection (see the module docstring).
 
-    h2 picks a frame's handler by its exact class, so the view class gets DATA's handler.
-    """
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config=config)
-        self._frame_dispatch_table[_DataView] = self._receive_data_frame
-
-
-class HboneStream(Endpoint):
-    """One CONNECT stream as a byte stream (see :class:`~netlab.mesh.endpoint.Endpoint`).
-
-    Attributes: ``status`` (response status), ``peer_identity`` (URI SAN of the TLS peer),
-    ``local_addr``/``peer_addr`` of the TCP connection underneath, ``stream_id``.
-    """
-
-    def __init__(self, conn: HboneConnection, stream_id: int) -> None:
-        super().__init__()
-        self._conn = conn
-        self.stream_id = stream_id
-        self._out: collections.deque[memoryview] = collections.deque()
-        self._out_bytes = 0
-        self._end_pending = False
-        self._unacked = 0  # flow-control credit held back while paused
-        self.status: int | None = None
-        self.response_headers: Headers = []
-        self._response: asyncio.Future[Headers] = self._loop.create_future()
-
-    @property
-    def response(self) -> asyncio.Future[Headers]:
-        """The response headers (a client's stream); fails if the stream ends before them."""
-        return self._response
-
-    def refused(self) -> None:
-        """The response was not 200: it ended the stream (END_STREAM), nothing will flow."""
-        self._finish()
-
-    # identity / addresses of the connection
-    @property
-    def peer_identity(self) -> str | None:
-        return self._conn.peer_identity
-
-    @property
-    def local_addr(self) -> Address | None:
-        return self._conn.local_addr
-
-    @property
-    def peer_addr(self) -> Address | None:
-        return self._conn.peer_addr
-
-    # ---- Endpoint hooks -----------------------------------------------------------------------
-    def _t_write(self, data: bytes | bytearray | memoryview) -> None:
-        mv = memoryview(data)
-        if not mv.readonly:  # the caller may reuse a bytearray; we keep a view until it is sent
-            mv = memoryview(bytes(mv))
-        self._out.append(mv)
-        self._out_bytes += len(mv)
-        self._conn._flush_stream(self)
-        if self._out_bytes > WRITE_HIGH and not self._write_blocked and self.reset_exc is None:
-            self._on_write_blocked()
-
-    def _t_write_eof(self) -> None:
-        self._end_pending = True
-        self._conn._flush_stream(self)
-
-    def _t_abort(self) -> None:
-        self._out.clear()
-        self._out_bytes = 0
-        self._conn._reset_stream(self, ErrorCodes.CONNECT_ERROR)
-
-    def _t_close(self) -> None:
-        self._conn._stream_closed(self)
-
-    def _t_pause(self) -> None:
-        pass  # credit is held back in _t_consumed
-
-    def _t_resume(self) -> None:
-        if self._unacked:
-            n, self._unacked = self._unacked, 0
-            self._conn._ack(self, n)
-
-    def _t_consumed(self, n: int) -> None:
-        if self._pause_reasons:
-            self._unacked += n
-        else:
-            self._conn._ack(self, n)
-
-    def _check_done(self) -> None:
-        super()._check_done()
-        if self.done.done():
-            self._conn._stream_closed(self)
-
-    def _finish(self) -> None:
-        super()._finish()
-        if not self._response.done():
-            # a copy: the waiter raises it, and a raised exception stored on us would be a cycle
-            self._response.set_exception(
-                self._reset_error() if self.reset_exc is not None else StreamReset("stream closed before response"))
-            self._response.exception()  # mark retrieved
-        self._conn._stream_closed(self)
-
-
-class HboneConnection(asyncio.Protocol):
-    """h2 state machine bound to an asyncio TLS transport (one per TLS connection).
-
-    ``check(conn)`` runs once the TLS handshake is done and may refuse the peer (a reason
-    string): the connection is then reset before any HTTP/2 byte. On the server side
-    ``on_request(conn, stream, headers)`` is called for every request received.
+    ``context`` is the TLS context of this side (:func:`~netlab.mesh.hbone.tls.client_context`
+    or ``server_context``). ``check(conn)`` runs once the TLS handshake is done and may refuse
+    the peer (a reason string): the connection is then reset before any HTTP/2 byte. On the
+    server side ``on_request(conn, stream, headers)`` is called for every request received.
     """
 
     def __init__(
@@ -190,314 +85,410 @@ class HboneConnection(asyncio.Protocol):
         client_side: bool,
         on_request: Callable[[HboneConnection, HboneStream, Headers], None] | None = None,
         check: Callable[[HboneConnection], str | None] | None = None,
+        *,
+        context: ssl.SSLContext,
     ) -> None:
+        super().__init__(context, server_side=not client_side)
         cfg = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
-        self.h2 = _H2State(cfg) if _FAST_RX else h2.connection.H2Connection(config=cfg)
+        self.h2 = h2.connection.H2Connection(config=cfg)
         self.client_side = client_side
-        self.transport: asyncio.Transport | None = None
         self.streams: dict[int, HboneStream] = {}
         self._on_request = on_request
         self._check = check
-        self._paused = False
         self.failed: str | None = None
         self.peer_identity: str | None = None
         self.peer_identities: list[str] = []
-        self.local_addr: Address | None = None
-        self.peer_addr: Address | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.preface: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # peer's SETTINGS seen
-        self.lost = False  # the transport is gone (set before the streams hear of it)
+        loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.preface: asyncio.Future[None] = loop.create_future()  # peer's SETTINGS seen
         self.extra: dict[str, Any] = {}  # free slot for the owner (e.g. "known workload")
-        self._preamble_left = 0 if client_side else H2_PREAMBLE_LEN
-        self._rbuf = bytearray()
-        self._data_left = 0
-        self._data_sid = 0
-        self._data_end = False
+        self._preface_left = 0 if client_side else len(frames.PREFACE)
+        self._reader: FrameReader | None = None
+        self._send_window = DEFAULT_WINDOW  # connection credit the peer gave us
+        self._peer_initial_window = DEFAULT_WINDOW
+        self._peer_max_frame = DEFAULT_MAX_FRAME
+        self._recv_window = HBONE_WINDOW  # what the peer may still send on the connection
+        self._recv_unacked = 0
 
-    # ---- asyncio.Protocol -------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = t = cast(asyncio.Transport, transport)  # uvloop's is no asyncio.Transport subclass
-        sockname, peername = t.get_extra_info("sockname"), t.get_extra_info("peername")
-        self.local_addr = (sockname[0], sockname[1]) if sockname else None
-        self.peer_addr = (peername[0], peername[1]) if peername else None
-        sslobj = transport.get_extra_info("ssl_object")
-        self.peer_identities = peer_uri_sans(sslobj)
+    # ---- TLS hooks ----------------------------------------------------------------------------
+    def _tls_established(self) -> None:
+        tls = self._tls
+        assert tls is not None
+        self.peer_identities = peer_uri_sans(tls)
         self.peer_identity = self.peer_identities[0] if self.peer_identities else None
-        alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
+        alpn = tls.selected_alpn_protocol()
         if alpn != HBONE_ALPN:
             self.failed = f"ALPN {alpn!r} negotiated, {HBONE_ALPN!r} required"
         elif self._check is not None:
             self.failed = self._check(self)
         if self.failed:
             log.info("hbone: dropping TLS connection from %s: %s", self.peer_addr, self.failed)
-            set_linger_zero(t.get_extra_info("socket"))
-            t.abort()
+            self.abort()
             return
-        t.set_write_buffer_limits(high=TLS_WRITE_HIGH, low=TLS_WRITE_LOW)
+        self._reader = FrameReader(self, HBONE_MAX_FRAME)
+        if not self._preface_left:
+            self._plaintext = self._on_record
         self.h2.initiate_connection()
-        self.h2.update_settings(
-            {
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: HBONE_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: HBONE_MAX_FRAME,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100,
-            }
-        )
-        self.h2.increment_flow_control_window(HBONE_WINDOW - H2_DEFAULT_WINDOW)
-        self._send()
+        self.h2.update_settings({
+            _SETTINGS.INITIAL_WINDOW_SIZE: HBONE_WINDOW,
+            _SETTINGS.MAX_FRAME_SIZE: HBONE_MAX_FRAME,
+            _SETTINGS.MAX_CONCURRENT_STREAMS: 100,
+        })
+        self._send(self.h2.data_to_send())
+        self._send(frames.window_update(0, HBONE_WINDOW - DEFAULT_WINDOW))
+        self._kick()
 
-    def data_received(self, data: bytes) -> None:
-        if self.failed:
+    def _tls_plaintext(self, chunk: bytes) -> None:
+        """The server's first bytes: the client's connection preface (h2 checks it), then frames."""
+        reader = self._reader
+        if reader is None or self.failed:
             return
-        try:
-            if self._preamble_left:  # the client's connection preface: h2 checks it
-                n = min(self._preamble_left, len(data))
-                self._preamble_left -= n
-                events = self.h2.receive_data(data[:n])
-                if n < len(data):
-                    events += self._receive(data[n:])
-            else:
-                events = self._receive(data)
-        except h2.exceptions.ProtocolError as e:
-            log.info("hbone: protocol error from %s: %s", self.peer_addr, e)
-            try:
-                self.h2.close_connection(error_code=ErrorCodes.PROTOCOL_ERROR)
-                self._send()
-            except h2.exceptions.ProtocolError:
-                pass
-            self._terminate(StreamReset(f"HTTP/2 protocol error: {e}"))
+        if self._preface_left:
+            n = min(self._preface_left, len(chunk))
+            self._preface_left -= n
+            self._h2_feed(chunk[:n])
+            chunk = chunk[n:]
+        if not self._preface_left:
+            self._plaintext = self._on_record  # from now on: frames
+        if chunk:
+            reader.feed(chunk)
+
+    def _on_record(self, chunk: bytes) -> None:
+        """One decrypted TLS record: to the frame reader, but for the tunnel's usual record.
+
+        That record is one whole DATA frame (no padding, no END_STREAM) of a stream relayed to
+        TCP, arriving between frames: its payload goes to the TCP transport from here, with
+        what ``FrameReader.feed``, :meth:`on_data`, ``Endpoint._on_data``, ``Endpoint.write``
+        would do written out (flow control, counts), then ``_t_consumed`` (credit), so that a
+        request costs one Python call on this side instead of six. Anything else (and any
+        stream or sink in an unusual state) takes the general path.
+        """
+        reader = self._reader
+        if reader is None:
             return
-        for ev in events:
-            self._dispatch(ev)
-        self._send()
+        n = len(chunk) - frames.HEADER_LEN
+        if n > 0 and not reader._left and not reader._head and reader._body is None and not reader._header_block:
+            hi, lo, ftype, flags, sid = _unpack_header(chunk)
+            s = self.streams.get(sid & 0x7FFFFFFF)
+            if (s is not None and ftype == frames.DATA and not flags & _END_OR_PADDED and (hi << 8 | lo) == n
+                    and s.reset_exc is None and not s.eof_received and n <= s._recv_window and n <= self._recv_window):
+                w, sink = s._sink_write, s._sink
+                if w is not None and sink is not None and sink.reset_exc is None and not sink.eof_sent:
+                    self._recv_window -= n
+                    s._recv_window -= n
+                    s.bytes_received += n
+                    sink.bytes_sent += n
+                    w(chunk[frames.HEADER_LEN:] if n < 4096 else memoryview(chunk)[frames.HEADER_LEN:])
+                    s._t_consumed(n)  # credit (held back while paused)
+                    return
+        reader.feed(chunk)
 
-    def eof_received(self) -> bool | None:
-        return None  # TLS: close
+    def _plaintext_failed(self, e: Exception) -> None:
+        if isinstance(e, FrameError):
+            self._connection_error(e.code, str(e))
+        elif isinstance(e, h2.exceptions.ProtocolError):
+            self._connection_error(None, str(e))  # h2 has queued its GOAWAY
+        else:
+            log.error("hbone: connection from %s failed", self.peer_addr, exc_info=e)
+            self._connection_error(frames.INTERNAL_ERROR, repr(e))
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
+    def _tls_writable(self) -> None:
+        for s in list(self.streams.values()):
+            if s._out or s._end_pending:
+                self._flush_stream(s, kick=False)
+        self._kick()
+
+    def _tls_failed(self, e: BaseException) -> None:
+        self._terminate(StreamReset(f"TLS error: {e}"))
+        super()._tls_failed(e)
+
+    def _tls_lost(self, exc: Exception | None) -> None:
         self._terminate(exc or StreamReset("HBONE connection closed"))
         if not self.closed.done():
             self.closed.set_result(None)
         self.release()
 
     def release(self) -> None:
-        """Let go of the TLS transport and the h2 state as soon as the connection is gone.
+        """Let go of the transport, TLS and h2 state as soon as the connection is gone.
 
         Streams outlive their connection (a relay or a log line may still hold one, and each
         holds ``_conn``), and h2's ``H2Connection`` refers to itself through its frame dispatch
-        table of bound methods, so without this a closed connection's TLS transport (uvloop's
-        SSLProtocol has a 256 KiB read buffer, plus the OpenSSL SSL object and its BIOs) and
-        the h2 state (streams, HPACK tables, ~350 objects) waited for a full cyclic GC pass,
-        which a proxy with many long-lived objects runs rarely: RSS grew with every
-        connection handled. Nothing uses either once ``lost`` is set.
+        table of bound methods, as the frame reader refers to us: without this, a closed
+        connection's TLS state (the OpenSSL object and its BIOs) and the h2 state (streams,
+        HPACK tables, ~350 objects) waited for a full cyclic GC pass, which a proxy with many
+        long-lived objects runs rarely: RSS grew with every connection handled.
         """
-        self.transport = None
+        super().release()
         self._on_request = None
         self._check = None
-        self._rbuf = bytearray()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         table = getattr(self.h2, "_frame_dispatch_table", None)
         if isinstance(table, dict):
             table.clear()  # breaks H2Connection's self-reference (bound methods)
 
-    def pause_writing(self) -> None:
-        self._paused = True
+    # ---- frames from the reader ---------------------------------------------------------------
+    def on_data(self, sid: int, data: memoryview, end_stream: bool) -> None:
+        """A piece of DATA (FrameReader): flow control, then to the stream.
 
-    def resume_writing(self) -> None:
-        self._paused = False
-        for s in list(self.streams.values()):
-            self._flush_stream(s, send=False)
-        self._send()
-
-    def _receive(self, data: bytes) -> list[h2.events.Event]:
-        return self._receive_fast(data) if _FAST_RX else self.h2.receive_data(data)
-
-    def _receive_fast(self, data: bytes) -> list[h2.events.Event]:
-        """Frame the input ourselves so DATA payloads reach h2 as zero-copy memoryview pieces.
-
-        h2's FrameBuffer copies every payload three times (append, slice, ``tobytes``), which
-        doubled the server's CPU per byte. Here a DATA frame's payload is handed to h2's frame
-        handler piece by piece as it arrives (h2 accounts flow control per byte, so splitting a
-        frame is invisible to it); every other frame, padded DATA, and DATA inside a header
-        block (a protocol error h2 reports) is passed whole to ``receive_data`` so h2 still
-        validates it. Used from the first byte after the client's preface on.
+        A relayed stream's bytes go to its sink here, with the bookkeeping of
+        ``Endpoint._on_data`` written out: this runs for every record.
         """
-        h = self.h2
-        mv = memoryview(data)
-        n = len(mv)
-        pos = 0
-        events: list[h2.events.Event] = []
-        rbuf = self._rbuf
-        while pos < n:
-            left = self._data_left
-            if left:
-                take = min(left, n - pos)
-                self._data_left = left = left - take
-                f = _DataView(self._data_sid, data=mv[pos : pos + take])  # type: ignore[arg-type]  # a view
-                pos += take
-                if not left and self._data_end:
-                    f.flags.add("END_STREAM")
-                events += h._receive_frame(f)
-                continue
-            if len(rbuf) < 9:
-                take = min(9 - len(rbuf), n - pos)
-                rbuf += mv[pos : pos + take]
-                pos += take
-                if len(rbuf) < 9:
-                    break
-            length = int.from_bytes(rbuf[0:3], "big")
-            ftype, flags = rbuf[3], rbuf[4]
-            if ftype == 0x0 and not flags & 0x8 and len(rbuf) == 9 and not h.incoming_buffer._headers_buffer:
-                # DATA, not PADDED, not inside a header block
-                if length > h.max_inbound_frame_size:
-                    raise h2.exceptions.FrameTooLargeError(f"DATA frame of {length} bytes")
-                sid = int.from_bytes(rbuf[5:9], "big") & 0x7FFFFFFF
-                if sid == 0:
-                    raise h2.exceptions.ProtocolError("DATA frame on stream 0")
-                rbuf.clear()
-                self._data_sid, self._data_end, self._data_left = sid, bool(flags & 0x1), length
-                if length == 0:
-                    f = _DataView(sid, data=b"")
-                    if flags & 0x1:
-                        f.flags.add("END_STREAM")
-                    events += h._receive_frame(f)
-                continue
-            take = min(9 + length - len(rbuf), n - pos)
-            rbuf += mv[pos : pos + take]
-            pos += take
-            if len(rbuf) < 9 + length:
-                break
-            frame = bytes(rbuf)
-            rbuf.clear()
-            events += h.receive_data(frame)
-        return events
-
-    # ---- events -------------------------------------------------------------------------------
-    def _dispatch(self, ev: h2.events.Event) -> None:
-        if isinstance(ev, h2.events.DataReceived):
-            s = self.streams.get(ev.stream_id)
-            pad = ev.flow_controlled_length - len(ev.data)
-            if s is None or s.reset_exc is not None:
-                self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+        n = len(data)
+        s = self.streams.get(sid)
+        if n:
+            self._recv_window -= n
+            if self._recv_window < 0:
+                raise FrameError(FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        if s is None or s.reset_exc is not None or s.eof_received:
+            self._stray_data(s, sid, n)
+            return
+        if n:
+            s._recv_window -= n
+            if s._recv_window < 0:
+                self._stream_error(s, FLOW_CONTROL_ERROR, "DATA beyond the stream window")
+                self._credit(None, n)
                 return
-            if pad:
-                self.h2.acknowledge_received_data(pad, ev.stream_id)
-            if ev.data:
-                s._on_data(ev.data)
-        elif isinstance(ev, h2.events.WindowUpdated):
-            if ev.stream_id == 0:
-                for s in list(self.streams.values()):
-                    self._flush_stream(s, send=False)
-            elif (s := self.streams.get(ev.stream_id)) is not None:
-                self._flush_stream(s, send=False)
-        elif isinstance(ev, h2.events.StreamEnded):
-            if (s := self.streams.get(ev.stream_id)) is not None:
-                s._on_eof()
-        elif isinstance(ev, h2.events.StreamReset):
-            if (s := self.streams.get(ev.stream_id)) is not None:
-                s._on_reset(StreamReset(f"RST_STREAM {ev.error_code!r}"))
-        elif isinstance(ev, h2.events.RequestReceived):
-            s = HboneStream(self, ev.stream_id)
+            sink = s._sink
+            if sink is None:
+                s._on_data(data)  # pull mode: buffered until read
+            else:
+                s.bytes_received += n
+                sink.write(data)
+                s._t_consumed(n)  # credit (held back while paused)
+        if end_stream:
+            self._h2_feed(frames.data_header(0, sid, True))  # h2's stream state: half-closed (remote)
+            s._on_eof()
+
+    def _stray_data(self, s: HboneStream | None, sid: int, n: int) -> None:
+        """DATA for a stream that cannot take it: dropped, its connection credit returned."""
+        if n:
+            self._credit(None, n)
+        if s is None:
+            if self._idle(sid):
+                raise FrameError(PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+        elif s.reset_exc is None:  # after END_STREAM
+            self._stream_error(s, STREAM_CLOSED, "DATA after END_STREAM")
+
+    def on_frame(self, ftype: int, flags: int, sid: int, payload: bytes) -> None:
+        """Any frame but unpadded DATA (FrameReader)."""
+        try:
+            if ftype == frames.WINDOW_UPDATE:
+                self._window_update(sid, frames.parse_window_update(payload, sid))
+            elif ftype == frames.PING:
+                opaque = frames.parse_ping(payload, sid)
+                if not flags & frames.FLAG_ACK:
+                    self._send(frames.ping(opaque, ack=True))
+            elif ftype == frames.RST_STREAM:
+                self._rst_received(sid, frames.parse_rst_stream(payload, sid), payload)
+            elif ftype == frames.GOAWAY:
+                self._goaway_received(frames.parse_goaway(payload, sid)[1])
+            elif ftype == frames.DATA:  # padded
+                data = frames.unpad(payload, flags)
+                pad = len(payload) - len(data)
+                self._recv_window -= pad
+                if (ps := self.streams.get(sid)) is not None:
+                    ps._recv_window -= pad
+                self._credit(None, pad)  # padding is consumed at once
+                self.on_data(sid, data, bool(flags & frames.FLAG_END_STREAM))
+            else:
+                self._h2_feed(frames.frame_header(len(payload), ftype, flags, sid) + payload)
+        except StreamFrameError as e:
+            if (s := self.streams.get(e.stream_id)) is not None:
+                self._stream_error(s, e.code, str(e))
+
+    def _window_update(self, sid: int, inc: int) -> None:
+        if sid == 0:
+            self._send_window += inc
+            if self._send_window > MAX_WINDOW:
+                raise FrameError(FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            for each in list(self.streams.values()):
+                if each._out:
+                    self._flush_stream(each, kick=False)
+            return
+        s = self.streams.get(sid)
+        if s is None:
+            if self._idle(sid):
+                raise FrameError(PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {sid}")
+            return  # a stream that is over: allowed, ignored
+        s._send_window += inc
+        if s._send_window > MAX_WINDOW:
+            self._stream_error(s, FLOW_CONTROL_ERROR, "stream window above 2^31-1")
+        elif s._out or s._end_pending:
+            self._flush_stream(s, kick=False)
+
+    def _rst_received(self, sid: int, code: int, payload: bytes) -> None:
+        if (s := self.streams.get(sid)) is not None:
+            s._out.clear()
+            s._out_bytes = 0
+            s._on_reset(StreamReset(f"RST_STREAM {_code_name(code)}"))
+        # h2 closes the stream too (and calls a RST_STREAM on an idle stream a protocol error)
+        self._h2_feed(frames.frame_header(4, frames.RST_STREAM, 0, sid) + payload)
+
+    def _goaway_received(self, code: int) -> None:
+        self._terminate(StreamReset(f"GOAWAY {_code_name(code)}"))
+        self.close_tls()
+
+    def _idle(self, sid: int) -> bool:
+        """Stream ``sid`` was never opened (RFC 9113 §5.1: frames on it are a protocol error)."""
+        by_peer = (sid & 1) == (0 if self.client_side else 1)
+        highest = self.h2.highest_inbound_stream_id if by_peer else self.h2.highest_outbound_stream_id
+        return sid > highest
+
+    # ---- h2: preface, SETTINGS, HEADERS -------------------------------------------------------
+    def _h2_feed(self, data: bytes) -> None:
+        events = self.h2.receive_data(data)
+        out = self.h2.data_to_send()
+        if out:
+            self._send(out)
+        for ev in events:
+            self._dispatch(ev)
+
+    def _dispatch(self, ev: h2.events.Event) -> None:
+        s: HboneStream | None
+        if isinstance(ev, h2.events.RequestReceived):
+            s = HboneStream(self, ev.stream_id, self._peer_initial_window)
             self.streams[ev.stream_id] = s
             if self._on_request is not None:
                 self._on_request(self, s, cast(Headers, list(ev.headers)))  # str: header_encoding
         elif isinstance(ev, h2.events.ResponseReceived):
             if (s := self.streams.get(ev.stream_id)) is not None and not s._response.done():
                 s._response.set_result(cast(Headers, list(ev.headers)))
+        elif isinstance(ev, h2.events.StreamEnded):
+            if (s := self.streams.get(ev.stream_id)) is not None:
+                s._on_eof()
+        elif isinstance(ev, h2.events.StreamReset):
+            if (s := self.streams.get(ev.stream_id)) is not None:
+                s._on_reset(StreamReset(f"RST_STREAM {ev.error_code!r}"))
         elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            self._settings_changed(ev)
             if not self.preface.done():
                 self.preface.set_result(None)
-            for s in list(self.streams.values()):
-                self._flush_stream(s, send=False)
-        elif isinstance(ev, h2.events.ConnectionTerminated):
-            self._terminate(StreamReset(f"GOAWAY {ev.error_code!r}"))
-            if self.transport is not None:
-                self._send()
-                self.transport.close()
+
+    def _settings_changed(self, ev: h2.events.RemoteSettingsChanged) -> None:
+        changed = ev.changed_settings
+        if (c := changed.get(_SETTINGS.MAX_FRAME_SIZE)) is not None:
+            self._peer_max_frame = c.new_value
+        if (c := changed.get(_SETTINGS.INITIAL_WINDOW_SIZE)) is not None:
+            delta = c.new_value - self._peer_initial_window  # applies to open streams (RFC 9113 §6.9.2)
+            self._peer_initial_window = c.new_value
+            for s in self.streams.values():
+                s._send_window += delta
+                if s._send_window > MAX_WINDOW:
+                    raise FrameError(FLOW_CONTROL_ERROR, "SETTINGS_INITIAL_WINDOW_SIZE overflows a stream window")
+        for s in list(self.streams.values()):
+            if s._out:
+                self._flush_stream(s, kick=False)
+
+    def _connection_error(self, code: int | None, reason: str) -> None:
+        """GOAWAY (h2 sent it already for its own errors), reset every stream, close."""
+        log.info("hbone: protocol error from %s: %s", self.peer_addr, reason)
+        if code is not None:
+            try:
+                self.h2.close_connection(error_code=code)
+            except h2.exceptions.ProtocolError:
+                pass
+        self._send(self.h2.data_to_send())
+        self._terminate(StreamReset(f"HTTP/2 protocol error: {reason}"))
+        if self._reader is not None:
+            self._reader.close()  # nothing more is read
+        self.close_tls()
 
     # ---- sending ------------------------------------------------------------------------------
-    def _send(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.lost:
-            self.transport.write(data)
+    def _write(self, s: HboneStream, data: bytes | bytearray | memoryview) -> None:
+        """A stream's bytes: one DATA frame now if credit and frame size allow, else queued."""
+        n = len(data)
+        if (not s._out and not self._paused and n <= s._send_window and n <= self._send_window
+                and n <= self._peer_max_frame and not self.lost):
+            s._send_window -= n
+            self._send_window -= n
+            self._send_payload(frames.data_header(n, s.stream_id), data)
+            self._kick()
+            return
+        mv = memoryview(data)
+        if not mv.readonly:  # the caller may reuse a bytearray; we keep a view until it is sent
+            mv = memoryview(bytes(mv))
+        s._out.append(mv)
+        s._out_bytes += n
+        self._flush_stream(s)
+        if s._out_bytes > WRITE_HIGH and not s._write_blocked and s.reset_exc is None:
+            s._on_write_blocked()
 
-    def _flush_stream(self, s: HboneStream, send: bool = True) -> None:
+    def _flush_stream(self, s: HboneStream, kick: bool = True) -> None:
+        """Send what credit allows of a stream's queue (then its END_STREAM, if asked for)."""
         if self.lost or s.reset_exc is not None:
             return
-        h = self.h2
-        sid = s.stream_id
         out = s._out
-        try:
-            while out and not self._paused:
-                window = h.local_flow_control_window(sid)
-                if window <= 0:
-                    break
-                n = min(window, h.max_outbound_frame_size)
-                head = out[0]
-                if len(head) <= n:
-                    out.popleft()
-                    chunk = head
-                else:
-                    chunk = head[:n]
-                    out[0] = head[n:]
-                if _FAST_TX:
-                    self._send_data_fast(sid, chunk)
-                else:
-                    h.send_data(sid, chunk)
-                    if send:
-                        self._send()
-                s._out_bytes -= len(chunk)
-            if not out and s._end_pending:
-                s._end_pending = False
-                h.end_stream(sid)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
-            s._on_reset(StreamReset(f"stream unusable: {e}"))
-            return
-        if send:
-            self._send()
+        sid = s.stream_id
+        while out and not self._paused:
+            n = min(s._send_window, self._send_window, self._peer_max_frame)
+            if n <= 0:
+                break
+            head = out[0]
+            if len(head) <= n:
+                out.popleft()
+                chunk = head
+            else:
+                chunk = head[:n]
+                out[0] = head[n:]
+            n = len(chunk)
+            s._send_window -= n
+            self._send_window -= n
+            s._out_bytes -= n
+            self._send_payload(frames.data_header(n, sid), chunk)
+        if not out and s._end_pending:
+            s._end_pending = False
+            try:
+                self.h2.end_stream(sid)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as e:
+                s._on_reset(StreamReset(f"stream unusable: {e}"))
+                return
+            self._send(self.h2.data_to_send())
+            if s.done.done():
+                self._stream_closed(s)
+        if kick:
+            self._kick()
         if s._write_blocked and s._out_bytes < WRITE_LOW:
             s._on_writable()
 
-    def _send_data_fast(self, sid: int, chunk: memoryview) -> None:
-        """h2's ``send_data`` bookkeeping without its serialization copies.
-
-        h2 copies each payload four times on the way out (``tobytes``, body join, header
-        concat, ``data_to_send``). We run the same state-machine inputs and window
-        decrements, flush whatever control frames h2 queued first (ordering: HEADERS and
-        WINDOW_UPDATEs precede this DATA), and hand header + payload view to the transport.
-        The caller has checked the windows and the max frame size.
-        """
-        h = self.h2
-        n = len(chunk)
-        h.state_machine.process_input(_ConnectionInputs.SEND_DATA)
-        st = h.streams[sid]
-        st.state_machine.process_input(_StreamInputs.SEND_DATA)
-        st.outbound_flow_control_window -= n
-        h.outbound_flow_control_window -= n
-        pending = h.data_to_send()
-        hdr = n.to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big")  # DATA, no flags
-        assert self.transport is not None
-        if pending:
-            self.transport.write(pending)
-        self.transport.write(hdr)
-        self.transport.write(chunk)
-
-    def _ack(self, s: HboneStream, n: int) -> None:
-        if self.lost or n <= 0:
+    def _credit(self, s: HboneStream | None, n: int) -> None:
+        """``n`` more received bytes were consumed: return credit once half a window's worth is due."""
+        if self.lost:
             return
-        try:
-            self.h2.acknowledge_received_data(n, s.stream_id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            return
-        self._send()
+        queued = False
+        if s is not None and not s.eof_received:
+            s._recv_unacked += n
+            if s._recv_unacked >= CREDIT_AT:
+                self._send(frames.window_update(s.stream_id, s._recv_unacked))
+                s._recv_window += s._recv_unacked
+                s._recv_unacked = 0
+                queued = True
+        self._recv_unacked += n
+        if self._recv_unacked >= CREDIT_AT:
+            self._send(frames.window_update(0, self._recv_unacked))
+            self._recv_window += self._recv_unacked
+            self._recv_unacked = 0
+            queued = True
+        if queued:
+            self._kick()
 
-    def _reset_stream(self, s: HboneStream, code: ErrorCodes) -> None:
+    def _reset_stream(self, s: HboneStream, code: int) -> None:
         if self.lost:
             return
         try:
             self.h2.reset_stream(s.stream_id, error_code=code)
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             pass
-        self._send()
+        self._send(self.h2.data_to_send())
+        self._kick()
+
+    def _stream_error(self, s: HboneStream, code: int, reason: str) -> None:
+        """A stream error (RFC 9113 §5.4.2): the stream is reset both ways."""
+        s._out.clear()
+        s._out_bytes = 0
+        s._on_reset(StreamReset(f"HTTP/2 stream error: {reason}"))
+        self._reset_stream(s, code)
 
     def send_response(self, s: HboneStream, status: int) -> None:
         s.status = status
@@ -509,16 +500,21 @@ class HboneConnection(asyncio.Protocol):
             return
         if status != 200:
             s.eof_sent = True
-        self._send()
+        self._send(self.h2.data_to_send())
+        self._kick()
 
     def _stream_closed(self, s: HboneStream) -> None:
         if not s.done.done():
             return
+        if (s._out or s._end_pending) and s.reset_exc is None and not self.lost:
+            # done (both ends half-closed) with bytes still waiting for the peer's credit: the
+            # stream stays until they and END_STREAM are sent (_flush_stream comes back here),
+            # as a TCP socket sends its buffer after shutdown(SHUT_WR)
+            return
         self.streams.pop(s.stream_id, None)
         # ztunnel 1.18: one CONNECT per connection; the client hangs up when its stream is over.
         if self.client_side and not self.streams and self.transport is not None and not self.lost:
-            self._send()
-            self.transport.close()
+            self.close_tls()
 
     def _terminate(self, exc: BaseException) -> None:
         for s in list(self.streams.values()):
@@ -528,24 +524,19 @@ class HboneConnection(asyncio.Protocol):
     def send_request(self, headers: Headers) -> HboneStream:
         """Open a stream with ``headers`` (HEADERS without END_STREAM: a CONNECT's body follows)."""
         sid = self.h2.get_next_available_stream_id()
-        stream = HboneStream(self, sid)
+        stream = HboneStream(self, sid, self._peer_initial_window)
         self.streams[sid] = stream
         self.h2.send_headers(sid, headers, end_stream=False)
-        self._send()
+        self._send(self.h2.data_to_send())
+        self._kick()
         return stream
 
-    def abort(self) -> None:
-        """Drop the connection with a TCP RST, saying nothing more."""
-        if self.transport is not None and not self.lost:
-            set_linger_zero(self.transport.get_extra_info("socket"))
-            self.transport.abort()
-
     def close(self) -> None:
+        """GOAWAY, close_notify, then the TCP connection closes once everything is written."""
         if self.transport is not None and not self.lost:
             try:
                 self.h2.close_connection()
-                self._send()
+                self._send(self.h2.data_to_send())
             except h2.exceptions.ProtocolError:
                 pass
-            self.transport.close()
-
+            self.close_tls()

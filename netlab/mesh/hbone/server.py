@@ -205,18 +205,21 @@ class HboneServer:
             log.exception("hbone: cannot set up TLS for an accepted connection")
             sock.close()
             return
-        conn = HboneConnection(client_side=False, on_request=self._on_request, check=self._check_peer)
+        conn = HboneConnection(client_side=False, on_request=self._on_request, check=self._check_peer, context=ctx)
         conn.extra["known"] = known
         try:
-            await loop.connect_accepted_socket(
-                lambda: conn, sock, ssl=ctx, ssl_handshake_timeout=self.handshake_timeout
-            )
+            await loop.connect_accepted_socket(lambda: conn, sock)
+        except OSError as e:
+            log.info("hbone: accepted connection gone: %r", e)
+            conn.release()  # connection_made/connection_lost will never come
+            sock.close()
+            return
+        try:
+            await conn.wait_handshake(max(0.0, deadline - loop.time()))
         except (ssl.SSLError, OSError, TimeoutError) as e:
             self.stats["tls_failed"] += 1
             log.info("hbone: TLS handshake failed: %r", e)
-            conn.release()  # connection_made/connection_lost will never come
-            e.with_traceback(None)  # a cycle through the loop's waiter otherwise (see hbone_connect)
-            sock.close()
+            e.with_traceback(None)  # a cycle through our frames otherwise (see hbone_connect)
             return
         if conn.failed:
             self.stats["tls_rejected"] += 1

@@ -67,8 +67,15 @@ def client_context(cert: PathLike, key: PathLike, ca: CaPaths) -> ssl.SSLContext
 
 
 def server_context(cert: PathLike, key: PathLike, ca: CaPaths) -> ssl.SSLContext:
-    """Server side: the destination workload's cert, client cert required (cached)."""
-    return _cached(ssl.PROTOCOL_TLS_SERVER, cert, key, ca)
+    """Server side: the destination workload's cert, client cert required (cached).
+
+    No TLS 1.3 session tickets: HBONE clients never resume (ztunnel makes every connection
+    afresh, and so does :func:`~netlab.mesh.hbone.client.hbone_connect`), so the two tickets
+    OpenSSL sends after each handshake were encrypted and sent for nothing.
+    """
+    ctx = _cached(ssl.PROTOCOL_TLS_SERVER, cert, key, ca)
+    ctx.num_tickets = 0
+    return ctx
 
 
 def peer_uri_sans(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> list[str]:
