@@ -39,7 +39,6 @@ CHUNK = 64 * 1024
 PACE_S = 0.12  # 16 chunks x 0.12 s: each stream lasts ~2 s
 KILL_AFTER_S = 0.6
 PROBE_EVERY_S = 0.025
-RECOVERY_LIMIT_S = float(os.environ.get("NETLAB_FAULT_RECOVERY_S", "1.0"))  # brief: 1 s; a loaded box may need more
 
 
 run_dir, netlab_run_dir, labs = lg.lab_fixtures("hl-fault", LAB_NAMES)
@@ -159,7 +158,8 @@ def do_fault(lab: Lab, path: str, victim: str, client_adjacent: bool = False, si
     assert run.restarted_s is not None, f"supervisor did not restart {victim} within 3 s"
     assert run.recovered_s is not None, f"no new connection succeeded after killing {victim}: " + "; ".join(
         f"{r.outcome} {r.detail}" for r in run.probes[-3:])
-    assert run.recovered_s <= RECOVERY_LIMIT_S, f"new connection only {run.recovered_s:.3f} s after the kill"
+    limit = lg.time_limit(1.0, "NETLAB_FAULT_RECOVERY_S")  # brief: 1 s on an idle machine
+    assert run.recovered_s <= limit, f"new connection only {run.recovered_s:.3f} s after the kill (limit {limit:.2f} s)"
     okk, over, waited = lg.wait_fds_idle(lab.state_dir, idle, timeout=5.0)
     assert okk, f"surviving proxies' fds not back to idle after {waited:.1f} s: {over} (idle, now)"
     return run

@@ -37,6 +37,7 @@ from netlab.mesh.ztunnel.config import ZtunnelConfig
 from netlab.mesh.ztunnel.inpod import InpodManager
 from netlab.mesh.ztunnel.proxy import ProxyInputs
 from netlab.plan.ambient import pod_uid
+from tests.loadgen import time_limit
 
 pytestmark = pytest.mark.kernel
 
@@ -217,7 +218,8 @@ def test_killing_ztunnel_redelivers_every_pod_and_traffic_is_back_within_1s(lab:
     took = time.monotonic() - t0
     assert code == 200
     print(f"traffic back {took:.3f}s after the kill")
-    assert took < 1.0, f"traffic back after {took:.2f}s"
+    limit = time_limit(1.0)  # the 1 s, on an idle machine
+    assert took < limit, f"traffic back after {took:.2f}s (limit {limit:.2f} s)"
     assert pid_of(lab, "ztunnel-node-a") != old
     deadline = time.monotonic() + 5
     while agent_log.read_text().count("snapshot of 2 pods sent") == snapshots and time.monotonic() < deadline:
