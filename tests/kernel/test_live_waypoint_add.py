@@ -1,0 +1,107 @@
+"""`netlab waypoint add|rm` on a running lab (issue 20's last point), both datapaths.
+
+ambient-to-ambient: foo/sleep calls httpbin.bar:8000. Before: node-a's ztunnel dials httpbin's
+15008 itself (no waypoint). ``netlab waypoint add bar``: no process of the lab restarts, no pod
+moves, and the next request goes through the new waypoint (ztunnel dials its 15008, the
+waypoint's own connection log has the request, trace shows a waypoint hop). ``netlab waypoint
+rm bar``: direct again, and the waypoint's netns, veth and process are gone.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from netlab import netns as ns
+from netlab.errors import UsageError
+from netlab.lab import Lab
+from netlab.verify.trace import trace
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(scope="module", params=["istio-1.18", "inpod"])
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    lab = Lab.up("ambient-to-ambient", name="h20b" + ("i" if request.param == "inpod" else "k"), datapath=request.param)
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+def httpbin_via(lab: Lab) -> str:
+    """Send foo/sleep -> httpbin.bar:8000; the upstream node-a's ztunnel dialled for it."""
+    sleep = lab.plan.pod("foo/sleep")
+    n = len(lab.connection_legs("ztunnel-node-a"))
+    r = lab.exec_capture("foo/sleep", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+                                       "http://httpbin.bar:8000/get"], timeout=20)
+    assert r.stdout == "200", r
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        legs = [g for g in lab.connection_legs("ztunnel-node-a")[n:] if g.src.startswith(f"{sleep.ip}:")]
+        if legs:
+            return legs[-1].up_dst
+        time.sleep(0.05)
+    raise AssertionError("no leg of foo/sleep's request on ztunnel-node-a")
+
+
+def pids(lab: Lab) -> dict[str, int]:
+    return {p["name"]: p["pid"] for p in lab.health()["processes"]}
+
+
+def node_links(lab: Lab, node: str) -> set[str]:
+    r = subprocess.run(["ip", "netns", "exec", lab.plan.nodes[[n.name for n in lab.plan.nodes].index(node)].netns,
+                        "ip", "-o", "link"], capture_output=True, text=True, check=True)
+    return {line.split(":")[1].strip().split("@")[0] for line in r.stdout.splitlines()}
+
+
+def test_waypoint_add_then_rm_live(lab: Lab) -> None:
+    httpbin = lab.plan.pod("bar/httpbin")
+    others = {p.ref: p.ip for p in lab.plan.pods}
+    before = pids(lab)
+    assert httpbin_via(lab) == f"{httpbin.ip}:15008"  # direct: no waypoint yet
+
+    res = lab.waypoint("add", "bar")
+    wp = lab.plan.pod("bar/waypoint")
+    assert res["pod"] == "bar/waypoint" and res["ip"] == wp.ip and wp.mode == "waypoint" and wp.node == "node-b"
+    assert {p.ref: p.ip for p in lab.plan.pods if p.ref != wp.ref} == others  # no pod moved
+    after = pids(lab)
+    assert {k: v for k, v in after.items() if k in before} == before  # no process restarted
+    assert after["waypoint.bar"] == res["pid"]
+    assert any(p["name"] == "waypoint" and p["mode"] == "waypoint" for p in lab.status()["pods"])
+    assert ns.netns_id(wp.netns) is not None and wp.host_veth in node_links(lab, "node-b")
+
+    n = len(lab.connection_legs("waypoint.bar"))
+    assert httpbin_via(lab) == f"{wp.ip}:15008"  # ztunnel sends it to the waypoint now
+    assert len(lab.connection_legs("waypoint.bar")) > n  # and the waypoint proxied it
+    t = trace(lab, "foo/sleep", "httpbin.bar:8000", "/get")
+    assert any(h.kind == "waypoint" or h.at.startswith("waypoint:") for h in t.hops), [h.at for h in t.hops]
+
+    res = lab.waypoint("rm", "bar")
+    assert res["pod"] == "bar/waypoint"
+    assert httpbin_via(lab) == f"{httpbin.ip}:15008"  # direct again
+    assert "waypoint.bar" not in pids(lab)
+    assert pids(lab) == before
+    assert ns.netns_id(wp.netns) is None and wp.host_veth not in node_links(lab, "node-b")
+    assert not any(p.mode == "waypoint" for p in lab.plan.pods)
+    assert {p.ref: p.ip for p in lab.plan.pods} == others
+
+
+def test_waypoint_bad_input_exits_2_and_changes_nothing(lab: Lab) -> None:
+    plan = lab.plan
+    with pytest.raises(UsageError, match="no waypoint"):
+        lab.waypoint("rm", "bar")
+    with pytest.raises(UsageError, match="no namespace"):
+        lab.waypoint("add", "nope")
+    for argv in (["add", "nope"], ["rm", "foo"], ["add", "foo", "--node", "node-z"]):
+        r = subprocess.run([sys.executable, "-m", "netlab.cli", "waypoint", *argv, "--lab", lab.name],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (argv, r)
+    r = subprocess.run([sys.executable, "-m", "netlab.cli", "waypoint", "add", "bar", "--lab", "h20b-none"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r
+    assert Lab.attach(lab.name).plan == plan
