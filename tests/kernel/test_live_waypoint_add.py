@@ -9,6 +9,7 @@ rm bar``: direct again, and the waypoint's netns, veth and process are gone.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -105,3 +106,26 @@ def test_waypoint_bad_input_exits_2_and_changes_nothing(lab: Lab) -> None:
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r
     assert Lab.attach(lab.name).plan == plan
+
+
+def test_down_removes_a_waypoint_added_again_after_rm() -> None:
+    """A waypoint removed and added again has the same netns name with a new identity: `down`
+    removes that one too (the ledger holds both makings), and with it the waypoint's process."""
+    from netlab.state import StateDir
+
+    lab = Lab.up("ambient-to-ambient", name="h20bd")
+    try:
+        lab.waypoint("add", "bar")
+        lab.waypoint("rm", "bar")
+        lab.waypoint("add", "bar", node="node-a")
+        wp = lab.plan.pod("bar/waypoint")
+        assert wp.node == "node-a" and ns.netns_id(wp.netns) is not None
+        pid = pids(lab)["waypoint.bar"]
+    finally:
+        msg = lab.down()
+    assert "left in place" not in msg, msg
+    assert ns.netns_id(wp.netns) is None
+    assert not any(n.startswith("h20bd-") for n in ns.list_netns())
+    assert not StateDir.of("h20bd").path.exists()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
