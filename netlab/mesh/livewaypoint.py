@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from netlab import testhooks
 from netlab.errors import LabStateError, NetlabError, UsageError
 from netlab.kernel import ledger as kledger
 from netlab.kernel import livepod
@@ -86,9 +87,13 @@ def _add(old: Plan, new: Plan, d: PodDelta, files: StateDir) -> int | None:
     try:
         w.note("waypoint-add", pod=d.pod.ref, pid=os.getpid())
         livepod.add_pod(d.netns, d.link, d.objs, cookies=kledger.netns_cookies(old.lab), ledger=w)
+        if testhooks.ARMED:
+            testhooks.point("waypoint:pod-made")
         # the waypoint finds itself in the registry, and no proxy sends to it until it is ready
         _with_workload(build_registry(old), reg, d.pod.ip).write_in_place(files.registry)
         pids = [start_process(files.path, p) for p in d.processes]
+        if testhooks.ARMED:
+            testhooks.point("waypoint:started")
         reg.write_in_place(files.registry)  # istiod's push, once the proxy is ready
         w.write_plan(new)
         w.note("waypoint-added", pod=d.pod.ref, pid=os.getpid())
@@ -105,6 +110,8 @@ def _remove(old: Plan, new: Plan, d: PodDelta, files: StateDir) -> None:
         _with_workload(build_registry(new), build_registry(old), d.pod.ip).write_in_place(files.registry)
         for p in d.processes:
             stop_process(files.path, p.name)
+        if testhooks.ARMED:
+            testhooks.point("waypoint:stopped")
         build_registry(new).write_in_place(files.registry)
         livepod.remove_pod(d.netns.name, kledger.netns_cookies(old.lab).get(d.netns.name))
         w.write_plan(new)

@@ -129,3 +129,32 @@ def test_down_removes_a_waypoint_added_again_after_rm() -> None:
     assert not StateDir.of("h20bd").path.exists()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("point", ["netns:h20bk-bar-waypoint", "waypoint:pod-made", "waypoint:started"])
+def test_a_waypoint_add_killed_half_way_is_finished_by_running_it_again(lab: Lab, point: str) -> None:
+    """SIGKILL while the pod is made (before its netns takes its name), after its kernel objects,
+    after its proxy started: the plan does not have it yet, the same command again finishes it
+    (the request goes through it), and `rm` killed after the proxy stopped is finished too."""
+    if lab.plan.datapath == "inpod":
+        point = point.replace("h20bk", "h20bi")
+    httpbin = lab.plan.pod("bar/httpbin")
+    argv = [sys.executable, "-m", "netlab.cli", "waypoint", "add", "bar", "--lab", lab.name]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NETLAB_TEST_SIGNAL_AT": f"KILL@{point}"})
+    assert r.returncode == -9, r.stderr
+    assert not any(p.mode == "waypoint" for p in Lab.attach(lab.name).plan.pods)  # not recorded: not done
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lab.plan = Lab.attach(lab.name).plan
+    wp = lab.plan.pod("bar/waypoint")
+    assert httpbin_via(lab) == f"{wp.ip}:15008"
+    argv[4] = "rm"
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "NETLAB_TEST_SIGNAL_AT": "KILL@waypoint:stopped"})
+    assert r.returncode == -9, r.stderr
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lab.plan = Lab.attach(lab.name).plan
+    assert httpbin_via(lab) == f"{httpbin.ip}:15008"
+    assert ns.netns_id(wp.netns) is None and "waypoint.bar" not in pids(lab)
