@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +20,7 @@ from netlab import netns as ns
 from netlab.errors import UsageError
 from netlab.lab import Lab
 from netlab.verify.trace import trace
+from tests.kernel.test_live_waypoint import upstream_via
 
 pytestmark = pytest.mark.kernel
 
@@ -36,18 +36,7 @@ def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
 
 def httpbin_via(lab: Lab) -> str:
     """Send foo/sleep -> httpbin.bar:8000; the upstream node-a's ztunnel dialled for it."""
-    sleep = lab.plan.pod("foo/sleep")
-    n = len(lab.connection_legs("ztunnel-node-a"))
-    r = lab.exec_capture("foo/sleep", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
-                                       "http://httpbin.bar:8000/get"], timeout=20)
-    assert r.stdout == "200", r
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        legs = [g for g in lab.connection_legs("ztunnel-node-a")[n:] if g.src.startswith(f"{sleep.ip}:")]
-        if legs:
-            return legs[-1].up_dst
-        time.sleep(0.05)
-    raise AssertionError("no leg of foo/sleep's request on ztunnel-node-a")
+    return upstream_via(lab, "foo/sleep", "http://httpbin.bar:8000/get", '"url": "http://httpbin.bar:8000/get"')
 
 
 def pids(lab: Lab) -> dict[str, int]:
