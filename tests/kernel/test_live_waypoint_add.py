@@ -147,3 +147,27 @@ def test_a_waypoint_add_killed_half_way_is_finished_by_running_it_again(lab: Lab
     lab.plan = Lab.attach(lab.name).plan
     assert httpbin_via(lab) == f"{httpbin.ip}:15008"
     assert ns.netns_id(wp.netns) is None and "waypoint.bar" not in pids(lab)
+
+
+def test_a_sidecar_routes_through_a_waypoint_added_live_1_18() -> None:
+    """1.18 sidecars send to an ambient endpoint's waypoint (EDS's tunnel address, 1.18 reference
+    §5.2): sidecar-to-ambient's foo/sleep (sidecar) -> httpbin.bar-1 goes through bar-1's new
+    waypoint with no restart of the sidecar, and straight to httpbin's 15008 after rm."""
+    lab = Lab.up("sidecar-to-ambient", name="h20bs")
+    try:
+        httpbin = lab.plan.pod("bar-1/httpbin")
+        before = pids(lab)
+
+        def via() -> str:
+            return upstream_via(lab, "foo/sleep", "http://httpbin.bar-1:8000/get", '"url"', "sleep.foo-sidecar")
+
+        assert via() == f"{httpbin.ip}:15008"
+        lab.waypoint("add", "bar-1")
+        wp = lab.plan.pod("bar-1/waypoint")
+        assert via() == f"{wp.ip}:15008"
+        lab.waypoint("rm", "bar-1")
+        assert via() == f"{httpbin.ip}:15008"
+        assert pids(lab) == before
+        assert lab.plan.pod("bar-2/waypoint").ip == Lab.attach(lab.name).plan.pod("bar-2/waypoint").ip
+    finally:
+        lab.down()
