@@ -51,3 +51,25 @@ def test_waypoint_change_refuses_bad_input() -> None:
         check_change(topo, WaypointChange("add", "bar-1", node="node-z"))
     with pytest.raises(UsageError):
         check_change(topo, WaypointChange("add", "bar-1", name="Bad_Name"))
+
+
+@pytest.mark.parametrize("datapath", ["istio-1.18", "inpod"])
+def test_removing_a_waypoint_of_the_file_moves_no_pod(datapath: str) -> None:
+    topo = load_topology("coexistence")
+    old = build_plan(topo, datapath=datapath)
+    op = check_change(topo, WaypointChange("rm", "bar-2"))
+    new = build_plan(with_waypoints(topo, [op]), datapath=datapath)
+    d = pod_delta(old, new, "bar-2/waypoint")
+    assert [p.name for p in d.processes] == ["waypoint.bar-2"]
+    assert [(p.ref, p.ip) for p in new.pods] == [(p.ref, p.ip) for p in old.pods if p.ref != "bar-2/waypoint"]
+    if datapath == "inpod":  # the namespace's Service loses its binding (--enroll-namespace undone)
+        assert d.services == {"bar-2/helloworld": ("bar-2/waypoint", "")}
+
+
+def test_removing_a_waypoint_another_was_allocated_after_is_refused() -> None:
+    topo = load_topology("coexistence")
+    add = check_change(topo, WaypointChange("add", "bar-1", node="node-c"))  # after bar-2's on node-c
+    two = with_waypoints(topo, [add])
+    rm = check_change(two, WaypointChange("rm", "bar-2"))
+    with pytest.raises(UsageError, match="would change another pod"):
+        pod_delta(build_plan(two), build_plan(with_waypoints(two, [rm])), "bar-2/waypoint")
