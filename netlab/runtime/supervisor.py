@@ -304,9 +304,9 @@ def _request(state_dir: str | Path, name: str, op: dict[str, Any]) -> StateDir:
     info = read_record(files.supervisor) or {}
     if not procfs.alive(info.get("pid"), info.get("starttime")):
         raise SupervisorError(f"no supervisor running for {sd}")
-    tmp = files.requests / f".{name}.tmp"
+    tmp = files.path / f".request-{name}.tmp"  # beside requests/, not in it: the daemon never reads half a request
     tmp.write_text(json.dumps(op))
-    tmp.rename(files.request(name))  # whole, or not there: the daemon never reads half a request
+    tmp.rename(files.request(name))
     os.kill(info["pid"], signal.SIGUSR1)
     return files
 
