@@ -143,10 +143,10 @@ def pod_delta(old: Plan, new: Plan, ref: str) -> PodDelta:
             return True
         return o.netns == node_netns and (getattr(o, "dev", None) == pod.host_veth or getattr(o, "name", None) == pod.host_veth)
 
-    d: PodDelta | None = None
     objs: list[Any] = []
     procs: list[Process] = []
-    netns = link = None
+    netns: Netns | None = None
+    link: Link | None = None
     for s in Plan.SECTIONS:
         a, b = getattr(big, s), getattr(small, s)
         sb = set(b)
