@@ -326,6 +326,17 @@ class Lab:
         self.plan = ledger.read_plan(self.name)
         return res
 
+    def waypoint(self, op: str, namespace: str, *, name: str = "waypoint", node: str | None = None) -> dict[str, Any]:
+        """``netlab waypoint add|rm``: a waypoint of ``namespace`` made or removed live, no other
+        process restarted (:mod:`netlab.mesh.livewaypoint`). ``self.plan`` is the new plan."""
+        from netlab.mesh.livewaypoint import WaypointChange, change_waypoint
+
+        if op not in ("add", "rm"):
+            raise UsageError(f"waypoint {op!r}: use add or rm")
+        res = change_waypoint(self.name, WaypointChange(op, namespace, name, node if op == "add" else None))  # type: ignore[arg-type]
+        self.plan = ledger.read_plan(self.name)
+        return res
+
     def pod(self, ref: str) -> PodInfo:
         try:
             return self.plan.pod(ref)

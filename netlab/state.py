@@ -60,6 +60,7 @@ LOG_SUFFIX = ".log"
 REQUESTS = "requests"
 REGISTRY = "registry.json"
 LABELS = "labels.json"
+WAYPOINTS = "waypoints.json"  # the waypoints `netlab waypoint` added or removed since `up` (netlab.mesh.livewaypoint)
 PROBES = "probes"  # probes/<node>.json: what the kubelet stand-in of <node> last saw (netlab.mesh.kubelet)  # the label changes `netlab label` made since `up` (netlab.mesh.relabel)
 CA = "ca"
 CONN = "conn"
@@ -151,6 +152,10 @@ class StateDir:
     @property
     def labels(self) -> Path:
         return self.path / LABELS
+
+    @property
+    def waypoints(self) -> Path:
+        return self.path / WAYPOINTS
 
     @property
     def probes(self) -> Path:
@@ -300,5 +305,5 @@ _CONN_LEG_FIELDS = tuple(f.name for f in dataclasses.fields(ConnLeg))
 
 __all__ = ["CA", "CONN", "CONN_ROTATED_SUFFIX", "CONN_SUFFIX", "DEFAULT_RUN_DIR", "LEDGER", "LOCK", "LOGS",
            "LABELS", "LOG_SUFFIX", "PROBES", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
-           "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "ZDS", "ZDS_CONTROL_SUFFIX", "ZDS_SUFFIX", "ConnLeg", "StateDir", "lab_dir",
+           "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "WAYPOINTS", "ZDS", "ZDS_CONTROL_SUFFIX", "ZDS_SUFFIX", "ConnLeg", "StateDir", "lab_dir",
            "lab_names", "read_lock", "read_record", "run_dir", "write_lock_text", "write_record"]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from netlab.cli import seeing
+from netlab.cli import seeing, waypoint
 from netlab.errors import NetlabError, UsageError
 
 EPILOG = """\
@@ -380,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON: {lab, change, datapath, modes:{pod:{from,to}}, waypoints:{service:{from,to}}, "
                         "added:[...], removed:[...], zds:[{node,op,pod,error}], ok}")
     s.set_defaults(func=cmd_label)
+    waypoint.add_parser(sub, lab_opt)  # netlab waypoint add|rm
 
     s = sub.add_parser("plan", help="print what `up` would create, without root",
                        description="Print the plan: every netns, link, address, route, ip rule, sysctl, ipset, "

@@ -61,8 +61,12 @@ class Report:
     errors: list[str] = field(default_factory=list)  # this lab's, and could not be removed
 
 
+def _failed_keys(entries: list[dict[str, Any]]) -> set[Any]:
+    return {e.get("key") for e in entries if e.get("op") == "failed"}
+
+
 def _intents(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    failed = {e.get("key") for e in entries if e.get("op") == "failed"}
+    failed = _failed_keys(entries)
     seen: set[str] = set()
     out = []
     for e in entries:
@@ -117,10 +121,20 @@ def destroy(lab: str, *, force: bool = False) -> Report:
     rep.errors += errs
 
     deleted: list[str] = []
+    # a name made more than once (a pod removed and made again live: `netlab waypoint rm`, `add`)
+    # has one cookie per making; the namespace there now is ours if it has any of them
+    recorded: dict[str, list[Any]] = {}
+    failed = _failed_keys(entries)
+    for e in entries:
+        if e.get("op") == "intent" and e.get("type") == "Netns" and e.get("key") not in failed:
+            recorded.setdefault(str((e.get("obj") or {}).get("name", "")), []).append(e.get("cookie"))
     for e in reversed([e for e in intents if e.get("type") == "Netns"]):
         name = str((e.get("obj") or {}).get("name", ""))
+        cookie = e.get("cookie")
+        if len(recorded.get(name, ())) > 1 and (now := ns.netns_id(name)) in recorded[name]:
+            cookie = now
         try:
-            _destroy_netns(name, e.get("cookie"), rep)
+            _destroy_netns(name, cookie, rep)
         except OSError as ex:
             rep.errors.append(f"netns {name}: {ex.strerror or ex}")
         if name in rep.netns_deleted:

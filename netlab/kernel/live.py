@@ -3,7 +3,7 @@ and removed inside namespaces the lab made, ledger first.
 
 Apply (:mod:`netlab.kernel.apply`) only ever makes objects, and destroy only removes namespaces;
 a live label change is the one place single objects go: an ipset entry, a route, an ip rule, a
-pod's iptables chains. Every object stays inside a namespace of the lab, so ``down`` still
+pod's iptables chains (and a pod added live, kernel/livepod.py: its addresses). Every object stays inside a namespace of the lab, so ``down`` still
 removes everything with its namespace, whatever this did or did not finish; an added object's
 intent is in the ledger before it is made, as apply's are.
 
@@ -26,7 +26,7 @@ from netlab.kernel.failures import ObjectError
 from netlab.kernel.ledger import Ledger
 from netlab.kernel.sysctl import write_sysctl
 from netlab.plan.layout import NetnsWork
-from netlab.plan.types import IpSetEntry, IptChain, IptRule, Route, Rule, Sysctl
+from netlab.plan.types import Address, IpSetEntry, IptChain, IptRule, Route, Rule, Sysctl
 
 _GONE = (errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 #: ipset's "element already added" on add, "element not added" on del (IPSET_ERR_EXIST, linux/netfilter/ipset/ip_set.h)
@@ -62,12 +62,12 @@ def _of(objs: Sequence[Any], cls: type[Any]) -> list[Any]:
 
 
 def _netlink(netns: str, cookie: int, objs: Sequence[Any], delete: bool) -> None:
-    routes, rules = _of(objs, Route), _of(objs, Rule)
-    if not routes and not rules:
+    addrs, routes, rules = _of(objs, Address), _of(objs, Route), _of(objs, Rule)
+    if not addrs and not routes and not rules:
         return
     with rtnl.Rtnl() as r:
         r.assert_in(cookie, f"netns {netns}")
-        work = NetnsWork(routes=list(routes), rules=list(rules))
+        work = NetnsWork(addresses=list(addrs), routes=list(routes), rules=list(rules))
         reqs = netlink_requests(work, r.link_indexes())
         if delete:  # RTM_DEL* take the same attributes as RTM_NEW*: the kernel matches on them
             reqs = list(reversed([rtnl.Request(q.type + 1, 0, q.body, q.tag) for q in reqs]))

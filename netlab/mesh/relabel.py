@@ -38,8 +38,10 @@ from netlab.mesh.registry import build_registry
 from netlab.plan.build import build_plan
 from netlab.plan.relabel import LabelChange, Overrides, PlanDelta, add_override, plan_delta, with_overrides
 from netlab.plan.types import Plan
+from netlab.plan.waypoints import WaypointOp, with_waypoints
 from netlab.state import StateDir
 from netlab.topology.load import load_topology
+from netlab.topology.model import Topology
 
 MESH_KINDS = ("ztunnel", "sidecar", "waypoint", "nodeagent")
 
@@ -60,13 +62,38 @@ def _write_overrides(files: StateDir, ov: Overrides) -> None:
     tmp.rename(files.labels)
 
 
-def rebuild(plan: Plan, ov: Overrides) -> Plan:
-    """The lab's plan from its topology file with the label changes ``ov``: what `up` would
-    build for the labels as they are now. LabStateError if the file no longer gives back the
-    plan the lab runs (it was edited since `up`): a delta from it would be a guess."""
-    topo = load_topology(plan.source)
+def read_waypoint_ops(files: StateDir) -> list[WaypointOp]:
+    """The waypoints `netlab waypoint` added or removed since `up`, in order."""
+    try:
+        raw = json.loads(files.waypoints.read_text())
+    except FileNotFoundError:
+        return []
+    except ValueError as e:
+        raise LabStateError(f"{files.waypoints}: unreadable ({e})") from None
+    return [{str(k): str(v) for k, v in d.items()} for d in raw]
+
+
+def write_waypoint_ops(files: StateDir, ops: list[WaypointOp]) -> None:
+    tmp = files.waypoints.with_name(files.waypoints.name + ".tmp")
+    tmp.write_text(json.dumps(ops, indent=1))
+    tmp.rename(files.waypoints)
+
+
+def current_topology(plan: Plan, ov: Overrides, wops: list[WaypointOp] | None = None) -> Topology:
+    """The lab's topology file with the label changes ``ov`` and the waypoint changes ``wops``
+    (None: those recorded in the lab's state directory)."""
+    if wops is None:
+        wops = read_waypoint_ops(StateDir.of(plan.lab))
+    return with_waypoints(with_overrides(load_topology(plan.source), ov), wops)
+
+
+def rebuild(plan: Plan, ov: Overrides, wops: list[WaypointOp] | None = None) -> Plan:
+    """The lab's plan from its topology file with the label changes ``ov`` and the waypoint
+    changes ``wops`` (None: those made so far): what `up` would build for the lab as it is now.
+    LabStateError if the file no longer gives back the plan the lab runs (it was edited since
+    `up`): a delta from it would be a guess."""
     mesh = any(p.kind in MESH_KINDS for p in plan.processes)
-    return build_plan(with_overrides(topo, ov), lab=plan.lab, tunnel=plan.tunnel, source=plan.source,
+    return build_plan(current_topology(plan, ov, wops), lab=plan.lab, tunnel=plan.tunnel, source=plan.source,
                       mesh=mesh, datapath=plan.datapath)
 
 

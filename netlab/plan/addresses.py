@@ -62,6 +62,16 @@ class AddressPool:
         self._last = int(net.broadcast_address) - 1
         self._taken = taken
 
+    def take_top(self) -> IPv4Address | None:
+        """The highest free address (below broadcast), downward: waypoints take these, so one
+        added to or removed from the end of a lab's list moves no other pod (`netlab waypoint`)."""
+        while self._next <= self._last:
+            a = ipaddress.IPv4Address(self._last)
+            self._last -= 1
+            if a not in self._taken:
+                return a
+        return None
+
     def take(self) -> IPv4Address | None:
         """The next free address, or None when the range is used up."""
         while self._next <= self._last:

@@ -12,7 +12,8 @@ Network model (ptp-CNI style, reference §1.1 and the "Reference harness" of §8
 * Other nodes' pod CIDRs are routed via their node IPs over the fabric.
 
 Addresses are allocated in file order: on each node HOST_IP = .1, then the ztunnel pod, then
-waypoints, then user pods. Service VIPs come from the service CIDR starting at .10.
+user pods; waypoints from the top of the node's pod CIDR down (.254, .253, ...), so a waypoint
+added to a running lab or removed from the end of its list moves no other pod (`netlab waypoint`). Service VIPs come from the service CIDR starting at .10.
 
 Two datapaths (``Plan.datapath``, the topology's ``datapath`` or ``--datapath``): ``istio-1.18``
 adds the node and ztunnel-pod objects of plan/ambient.py and istio-iptables in sidecar pods;
@@ -222,8 +223,8 @@ class _Builder:
                 Sysctl(netns=ns, key_name=NODE_IPV6_OFF, value="1"),
             ])
 
-    def _alloc(self, node: str, what: str) -> str:
-        a = self._pool[node].take()
+    def _alloc(self, node: str, what: str, top: bool = False) -> str:
+        a = self._pool[node].take_top() if top else self._pool[node].take()
         if a is None:
             raise TopologyError(f"node {node}: pod CIDR {self._pool[node].net} has no address left for {what}")
         return str(a)
@@ -231,7 +232,7 @@ class _Builder:
     def _pod(self, *, name: str, namespace: str, node: str, mode: str, app: str, sa: str,
              ports: tuple[int, ...], labels: dict[str, str]) -> PodInfo:
         ni = self._node(node)
-        ip = self._alloc(node, f"{namespace}/{name}")
+        ip = self._alloc(node, f"{namespace}/{name}", top=mode == "waypoint")
         ns = self.netns(f"{namespace}-{name}", "pod", f"{namespace}/{name}")
         veth = veth_name(namespace, name)
         pod = PodInfo(name=name, namespace=namespace, node=node, netns=ns, ip=ip, mode=mode,  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The supervisor daemon's loop over a lab's processes: spawn each one in its netns, watch for its
 ready line (or probe it), restart it when it exits (first restart immediate, then exponential
-backoff), restart it on request, stop them all on SIGTERM.
+backoff), restart it on request, start or stop one on request, stop them all on SIGTERM.
 
 Single-threaded on purpose: ``preexec_fn`` (setns, mounts, privilege drop) is only safe to run
 after fork in a process without other threads. Everything a client needs is written to the
@@ -173,16 +173,58 @@ class Supervisor:
         self.dirty = True
 
     def take_requests(self) -> None:
+        """Each file ``requests/<name>`` is one request: a restart (any body that is not a JSON
+        object: the timestamp `restart` writes), or ``{"op": "start", "spec": {...}}`` /
+        ``{"op": "stop"}``: a process added to or removed from a running lab (`netlab waypoint`)."""
         self.requests_pending = False
         for req in sorted(self.files.requests.iterdir()):
-            with contextlib.suppress(FileNotFoundError):
+            try:
+                body = req.read_bytes()[:1 << 16]
                 req.unlink()
+            except FileNotFoundError:
+                continue
+            op = _request_op(body)
             c = self.children.get(req.name)
+            if op is not None and op.get("op") == "start" and c is None:
+                self.add_child(req.name, op.get("spec"))
+                continue
             if c is None:
                 self.say("request-ignored", name=req.name)
                 continue
+            if op is not None and op.get("op") == "stop":
+                self.remove_child(c)
+                continue
             self.say("restart-requested", name=req.name)
             self.request_restart(c)
+
+    def add_child(self, name: str, spec: Any) -> None:
+        """A process added to the lab while it runs: supervised from now on like the others."""
+        try:
+            s = ProcSpec.from_any(spec)
+            if s.name != name:
+                raise ValueError(f"spec names {s.name!r}")
+        except (TypeError, ValueError) as e:
+            self.say("request-ignored", name=name, error=str(e))
+            return
+        self.say("start-requested", name=name)
+        c = self.children[name] = Child(s, tuple(s.caps), self.files.log(name))
+        self.start(c)
+
+    def remove_child(self, c: Child) -> None:
+        """Stop a process for good (SIGTERM, SIGKILL after the grace) and forget it."""
+        self.say("stop-requested", name=c.spec.name)
+        self.children.pop(c.spec.name, None)
+        if c.proc is not None:
+            _killpg(c.pid, signal.SIGTERM)
+            try:
+                c.proc.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                _killpg(c.pid, signal.SIGKILL)
+                c.proc.wait()
+            _killpg(c.pid, signal.SIGKILL, PermissionError)
+        if c.check is not None:
+            c.check.close()
+        self.dirty = True
 
     # -- main loop -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -270,6 +312,14 @@ class Supervisor:
             c.state = "stopped"
         self.write_state()
         self.say("stopped")
+
+
+def _request_op(body: bytes) -> dict[str, Any] | None:
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return None
+    return d if isinstance(d, dict) else None
 
 
 def _killpg(pid: int | None, sig: int, *also: type[OSError]) -> None:

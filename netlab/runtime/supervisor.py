@@ -11,7 +11,7 @@ exponential backoff: the loop is :mod:`netlab.runtime.daemon`). Everything a cli
 directory; :mod:`netlab.state` names them), written atomically: the daemon's record {pid,
 starttime, lab, state} and its own log; the processes' records (name -> {pid, starttime,
 restarts, state, ...}); each process's stdout+stderr (appended across restarts); restart
-requests, picked up on SIGUSR1.
+requests and start/stop requests of one process, picked up on SIGUSR1.
 
 Readiness is the first line of the log, after the spawn, that is JSON with ``"event":
 "ready"`` (:func:`is_ready_line`); a pod's own program (``run="exec"``) is probed from outside
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -40,7 +41,7 @@ from netlab.runtime.spawn import ProcSpec
 from netlab.state import StateDir, read_record, write_record
 
 __all__ = ["SupervisorError", "is_ready_line", "last_lines", "log_path", "main", "restart", "start_supervisor",
-           "status", "stop_supervisor", "wait_ready"]
+           "start_process", "status", "stop_process", "stop_supervisor", "wait_ready"]
 
 
 class SupervisorError(RuntimeError):
@@ -295,6 +296,45 @@ def restart(state_dir: str | Path, name: str, timeout: float = 10.0) -> int:
             return int(e["pid"])
         time.sleep(0.02)
     raise SupervisorError(_failure(sd, name, e, f"not ready {timeout:g}s after restart"))
+
+
+def _request(state_dir: str | Path, name: str, op: dict[str, Any]) -> StateDir:
+    sd = Path(state_dir)
+    files = StateDir(sd)
+    info = read_record(files.supervisor) or {}
+    if not procfs.alive(info.get("pid"), info.get("starttime")):
+        raise SupervisorError(f"no supervisor running for {sd}")
+    tmp = files.path / f".request-{name}.tmp"  # beside requests/, not in it: the daemon never reads half a request
+    tmp.write_text(json.dumps(op))
+    tmp.rename(files.request(name))
+    os.kill(info["pid"], signal.SIGUSR1)
+    return files
+
+
+def start_process(state_dir: str | Path, process: Any, timeout: float = 30.0) -> int:
+    """Ask the supervisor to start and supervise one more process (a plan ``Process``); its PID
+    once it is ready. A process of that name that already runs is left as it is (a re-run)."""
+    spec = _spec_dicts([process])[0]
+    procs = read_record(StateDir(Path(state_dir)).procs) or {}
+    if spec["name"] not in procs:
+        _request(state_dir, spec["name"], {"op": "start", "spec": spec})
+    wait_ready(state_dir, [spec["name"]], timeout)
+    return int((read_record(StateDir(Path(state_dir)).procs) or {})[spec["name"]]["pid"])
+
+
+def stop_process(state_dir: str | Path, name: str, timeout: float = 10.0) -> None:
+    """Ask the supervisor to stop one process for good; returns once it is gone from its records
+    (a process it does not have: nothing to do)."""
+    files = StateDir(Path(state_dir))
+    if name not in (read_record(files.procs) or {}):
+        return
+    _request(state_dir, name, {"op": "stop"})
+    deadline = _now() + timeout
+    while _now() < deadline:
+        if name not in (read_record(files.procs) or {}):
+            return
+        time.sleep(0.02)
+    raise SupervisorError(f"process {name!r}: still supervised {timeout:g}s after the stop request")
 
 
 def status(state_dir: str | Path) -> dict[str, Any]:

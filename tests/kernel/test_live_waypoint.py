@@ -26,19 +26,25 @@ def lab() -> Iterator[Lab]:
         lab.down()
 
 
-def hello_via(lab: Lab) -> str:
-    """Send amb/sleep -> helloworld.bar-2:5000; the upstream node-a's ztunnel dialled for it."""
-    sleep = lab.plan.pod("amb/sleep")
-    n = len(lab.connection_legs("ztunnel-node-a"))
-    r = lab.exec_capture("amb/sleep", ["curl", "-s", "--max-time", "5", "http://helloworld.bar-2:5000/hello"], timeout=20)
-    assert "Hello version: v1" in r.stdout, r
+def upstream_via(lab: Lab, client: str, url: str, expect: str, ztunnel: str = "ztunnel-node-a") -> str:
+    """Send ``client`` -> ``url`` (its body must hold ``expect``); the upstream ``ztunnel`` dialled
+    for it (``ip:port``: the destination pod's 15008, or a waypoint's)."""
+    src = lab.plan.pod(client)
+    n = len(lab.connection_legs(ztunnel))
+    r = lab.exec_capture(client, ["curl", "-s", "--max-time", "5", url], timeout=20)
+    assert expect in r.stdout, r
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
-        legs = [g for g in lab.connection_legs("ztunnel-node-a")[n:] if g.src.startswith(f"{sleep.ip}:")]
+        legs = [g for g in lab.connection_legs(ztunnel)[n:] if g.src.startswith(f"{src.ip}:")]
         if legs:
             return legs[-1].up_dst
         time.sleep(0.05)
-    raise AssertionError("no leg of amb/sleep's request on ztunnel-node-a")
+    raise AssertionError(f"no leg of {client}'s request on {ztunnel}")
+
+
+def hello_via(lab: Lab) -> str:
+    """Send amb/sleep -> helloworld.bar-2:5000; the upstream node-a's ztunnel dialled for it."""
+    return upstream_via(lab, "amb/sleep", "http://helloworld.bar-2:5000/hello", "Hello version: v1")
 
 
 def test_use_waypoint_rebinds_a_namespaces_services_live(lab: Lab) -> None:

@@ -214,6 +214,27 @@ def test_restart_api(netns1: str, state_dir: Path) -> None:
 
 @pytest.mark.kernel
 @root_only
+def test_start_and_stop_one_process_api(netns1: str, state_dir: Path) -> None:
+    """A process added to and removed from a running supervisor (`netlab waypoint`): the others
+    keep their PIDs, the added one is supervised (restarted when killed), the stopped one is gone."""
+    sv.start_supervisor("ha", [Process("hello", netns1, "app", ("netlab.apps.helloworld",))], state_dir, timeout=10)
+    hello = sv.status(state_dir)["procs"]["hello"]["pid"]
+    pid = sv.start_process(state_dir, Process("hb", netns1, "app", ("netlab.apps.httpbin", "--port", "8080")))
+    assert curl(netns1, "http://127.0.0.1:8080/get")[0] == 200
+    assert sv.start_process(state_dir, Process("hb", netns1, "app", ("netlab.apps.httpbin", "--port", "8080"))) == pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: sv.status(state_dir)["procs"]["hb"]["pid"] not in (pid, None)
+             and sv.status(state_dir)["procs"]["hb"]["state"] == "running", 10)
+    again = sv.status(state_dir)["procs"]["hb"]["pid"]
+    sv.stop_process(state_dir, "hb")
+    assert "hb" not in sv.status(state_dir)["procs"] and not procfs.alive(again)
+    sv.stop_process(state_dir, "hb")  # gone already: nothing to do
+    assert sv.status(state_dir)["procs"]["hello"]["pid"] == hello
+    assert curl(netns1, "http://127.0.0.1:5000/hello")[0] == 200
+
+
+@pytest.mark.kernel
+@root_only
 def test_missing_netns_fails_with_name(state_dir: Path) -> None:
     with pytest.raises(sv.SupervisorError) as ei:
         sv.start_supervisor("ha", [Process("lost", "ha-does-not-exist", "app", ("netlab.apps.httpbin",))],

@@ -68,7 +68,7 @@ def test_outbound_cross_node_hbone_via_vip(co: Registry) -> None:
 
 def test_outbound_waypoint_keeps_original_destination_as_authority(co: Registry) -> None:
     src = ip_of(co, "amb/sleep")
-    wp = co.workload("10.0.3.3")
+    wp = co.workload(ip_of(co, "bar-2/waypoint"))
     assert wp is not None and wp.mode == "waypoint"
     for orig in (vip_of(co, "bar-2", "helloworld"), (ip_of(co, "bar-2/helloworld"), 5000)):
         d = plan_outbound(co, "node-a", co.ztunnels["node-a"], src, orig)
@@ -178,7 +178,7 @@ def test_inbound_status_codes(co: Registry) -> None:
 
 def test_inbound_waypoint_enforced_and_forwarded_honoured(co: Registry) -> None:
     hw = ip_of(co, "bar-2/helloworld")
-    wp = co.workload("10.0.3.3")
+    wp = co.workload(ip_of(co, "bar-2/waypoint"))
     assert wp is not None
     sleep_id = (ident(co, "amb/sleep"),)
     assert plan_inbound(co, "node-d", hw, ip_of(co, "amb/sleep"), sleep_id, (hw, 5000), None) == \
@@ -214,7 +214,7 @@ def test_plaintext_hairpins_to_waypoint_unspoofed(co: Registry) -> None:
     hw, legacy = ip_of(co, "bar-2/helloworld"), ip_of(co, "legacy/sleep")
     d = plan_plaintext(co, "node-d", co.ztunnels["node-d"], legacy, (hw, 5000))
     assert isinstance(d, Route) and d.kind == "hairpin" and d.hbone
-    assert d.addr == ("10.0.3.3", 15008) and d.source_ip is None
+    assert d.addr == (ip_of(co, "bar-2/waypoint"), 15008) and d.source_ip is None
     assert d.authority == f"{hw}:5000" and d.client_identity == ident(co, "legacy/sleep")
     assert plan_plaintext(co, "node-d", co.ztunnels["node-d"], "172.16.0.9", (hw, 5000)) == Reject("UnknownSource")
 
