@@ -204,10 +204,16 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGHUP, lambda *_: None)
 
-        failed = forkspawn.preload(c.spec for c in self.children.values())
+        # the exec'd ones first: their cold interpreters start on the other CPU while this one
+        # imports what the forked ones run (forkspawn.preload), then forks them
+        forked = [c for c in self.children.values() if forkspawn.eligible(c.spec)]
+        for c in self.children.values():
+            if not forkspawn.eligible(c.spec):
+                self.start(c)
+        failed = forkspawn.preload(c.spec for c in forked)
         if failed:
             self.say("preload-failed", modules=failed)
-        for c in self.children.values():
+        for c in forked:
             self.start(c)
         self.write_state()
         while not self.stopping:
