@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netlab.runtime import procfs
+from netlab.runtime import forkspawn, procfs
 from netlab.runtime.probe import ReadyCheck, is_ready_line
 from netlab.runtime.spawn import ProcSpec, spawn
 from netlab.state import StateDir, write_record
@@ -39,7 +39,7 @@ class Child:
     spec: ProcSpec
     caps: tuple[str, ...]
     log: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | forkspawn.Forked | None = None
     pid: int | None = None
     starttime: int | None = None
     state: str = "starting"  # starting | running | backoff | restarting | stopped
@@ -98,7 +98,8 @@ class Supervisor:
                       "restarts": c.restarts, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             os.write(fd, (json.dumps(marker, separators=(",", ":")) + "\n").encode())
             c.scan_offset, c.partial = os.fstat(fd).st_size, b""
-            c.proc = spawn(c.spec, self.lab, fd, c.caps)
+            forked = forkspawn.eligible(c.spec)
+            c.proc = (forkspawn.spawn_forked if forked else spawn)(c.spec, self.lab, fd, c.caps)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             c.proc, c.pid, c.starttime, c.last_error = None, None, None, f"spawn failed: {e}"
             self.say("spawn-failed", name=c.spec.name, error=str(e))
@@ -109,7 +110,7 @@ class Supervisor:
         c.pid, c.starttime = c.proc.pid, procfs.starttime(c.proc.pid)
         c.state, c.spawned_at, c.ready_at, c.since = "starting", _now(), None, time.time()
         c.check = ReadyCheck(c.spec, c.spawned_at) if c.spec.run == "exec" else None
-        self.say("spawn", name=c.spec.name, pid=c.pid, netns=c.spec.netns)
+        self.say("spawn", name=c.spec.name, pid=c.pid, netns=c.spec.netns, how="fork" if forked else "exec")
         self.dirty = True
 
     def _schedule_restart(self, c: Child) -> None:
@@ -245,7 +246,16 @@ class Supervisor:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGHUP, lambda *_: None)
 
+        # the exec'd ones first: their cold interpreters start on the other CPU while this one
+        # imports what the forked ones run (forkspawn.preload), then forks them
+        forked = [c for c in self.children.values() if forkspawn.eligible(c.spec)]
         for c in self.children.values():
+            if not forkspawn.eligible(c.spec):
+                self.start(c)
+        failed = forkspawn.preload(c.spec for c in forked)
+        if failed:
+            self.say("preload-failed", modules=failed)
+        for c in forked:
             self.start(c)
         self.write_state()
         while not self.stopping:

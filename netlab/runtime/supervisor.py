@@ -6,7 +6,8 @@
     python -m netlab.runtime.supervisor --lab LAB --spec SPEC.json --state-dir DIR [--foreground]
 
 which double-forks away from the caller, spawns every process of SPEC.json in its netns
-(``netlab.runtime.spawn``), and restarts them when they exit (first restart immediate, then
+(``netlab.runtime.spawn``; root ``python -m`` programs are forked from the daemon, which has
+imported their modules once: ``netlab.runtime.forkspawn``), and restarts them when they exit (first restart immediate, then
 exponential backoff: the loop is :mod:`netlab.runtime.daemon`). Everything a client needs is in files under DIR (the lab's state
 directory; :mod:`netlab.state` names them), written atomically: the daemon's record {pid,
 starttime, lab, state} and its own log; the processes' records (name -> {pid, starttime,

@@ -156,7 +156,7 @@ class NodeAgent:
 
     @classmethod
     def for_lab(cls, lab: str, node: str) -> NodeAgent:
-        plan = ledger.read_plan(lab)
+        plan = ledger.read_plan(lab, parts=("nodes", "pods"))  # (what pods_of and plan.node read)
         plan.node(node)  # KeyError naming the nodes
         pods, known = pods_of(plan, node)
         return cls(lab, node, pods, known, ledger.netns_cookies(lab), StateDir.of(lab))

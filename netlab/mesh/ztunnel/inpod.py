@@ -207,6 +207,9 @@ class InpodManager:
     _home: int = -1
     _names: ServiceNames | None = None
     _task: asyncio.Task[None] | None = None
+    #: (the registry it was made from, uid -> workload): a snapshot of N pods looked each one
+    #: up by scanning every workload of the lab, N x (all pods) per node agent's snapshot
+    _by_uid: tuple[object, dict[str, Workload]] = (None, {})
 
     def ready(self) -> bool:
         return self.connected and self.snapshot_received
@@ -303,7 +306,9 @@ class InpodManager:
 
     def _workload(self, req: zds.AddWorkload) -> Workload | None:
         reg = self.pi.registry
-        wl = next((w for w in reg.workloads.values() if w.uid and w.uid == req.uid), None)
+        if self._by_uid[0] is not reg:
+            self._by_uid = (reg, {w.uid: w for w in reg.workloads.values() if w.uid})
+        wl = self._by_uid[1].get(req.uid)
         info = req.workload_info
         if wl is None and info is not None:
             wl = reg.pod(f"{info.namespace}/{info.name}")

@@ -1,0 +1,99 @@
+"""Processes started by forking the pre-imported supervisor (netlab.runtime.forkspawn).
+
+A root ``python -m`` program is forked, not exec'd: it must look and behave as an exec'd one
+(its netns, its command line, its own log on fds 1 and 2, none of the supervisor's fds or
+ignored signals, restarted when killed); a process dropped to another uid is still exec'd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netlab import netns as ns
+from netlab.plan.types import Process
+from netlab.runtime import forkspawn, procfs
+from netlab.runtime import supervisor as sv
+from netlab.runtime.spawn import ProcSpec
+from tests.kernel.test_runtime import curl, fd_links, netns_ino, sig_ignored, wait_for
+
+pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+
+@pytest.fixture
+def netns1() -> Iterator[str]:
+    name = "hf-1"
+    ns.delete_netns(name)
+    ns.create_netns(name)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        ns.delete_netns(name)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    sd = tmp_path / "state"
+    yield sd
+    sv.stop_supervisor(sd)
+
+
+def spawns(sd: Path) -> dict[str, str]:
+    """name -> how (fork | exec) of each spawn the supervisor logged (the last one wins)."""
+    out = {}
+    for line in (sd / "supervisor.log").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "spawn":
+            out[rec["name"]] = rec.get("how", "?")
+    return out
+
+
+def test_root_program_is_forked_and_behaves_as_exec(netns1: str, state_dir: Path) -> None:
+    procs = [Process("web", netns1, "app", ("netlab.apps.httpbin", "--port", "8080"), ref="hf/web"),
+             Process("dropped", netns1, "app", ("netlab.apps.httpbin", "--port", "8081"), uid=1337, gid=1337)]
+    sup = sv.start_supervisor("hf", procs, state_dir, timeout=20)
+    assert spawns(state_dir) == {"web": "fork", "dropped": "exec"}
+    pid = sv.status(state_dir)["procs"]["web"]["pid"]
+    assert netns_ino(pid) == os.stat(ns.netns_path(netns1)).st_ino
+    argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    assert argv[1:3] == [b"-m", b"netlab.apps.httpbin"] and b"netlab.runtime.supervisor" not in argv
+    theirs = fd_links(pid)
+    assert theirs[0] == "/dev/null" and theirs[1] == theirs[2] == str(sv.log_path(state_dir, "web"))
+    files = {v for v in theirs.values() if v.startswith("/")}  # none of the supervisor's (lock, its log)
+    assert files <= {"/dev/null", str(sv.log_path(state_dir, "web"))}, f"inherited: {theirs}"
+    sup_pipes = {v for v in fd_links(sup).values() if v.startswith(("pipe:", "anon_inode:"))} - {"anon_inode:[eventpoll]"}
+    assert not sup_pipes & set(theirs.values()), f"the supervisor's pipes inherited: {theirs}"
+    assert not sig_ignored(pid) & ((1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGTERM - 1)))
+    assert curl(netns1, "http://127.0.0.1:8080/ip")[0] == 200
+    assert '"event":"ready"' in sv.log_path(state_dir, "web").read_text()
+
+    os.kill(pid, signal.SIGKILL)  # supervision: a forked child is restarted as an exec'd one is
+    back = wait_for(lambda: (x := sv.status(state_dir)["procs"]["web"])["pid"] != pid and x["state"] == "running"
+                    and x, 3.0)
+    assert back and back["last_exit"] == "signal SIGKILL" and back["restarts"] == 1
+    assert curl(netns1, "http://127.0.0.1:8080/status/202")[0] == 202
+    assert sv.stop_supervisor(state_dir) is True
+    assert not procfs.alive(back["pid"]) and not procfs.alive(sup)
+
+
+def test_fork_spawn_can_be_turned_off(netns1: str, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(forkspawn.ENV, "0")  # the supervisor inherits `up`'s environment
+    sv.start_supervisor("hf", [Process("web", netns1, "app", ("netlab.apps.httpbin", "--port", "8080"))],
+                        state_dir, timeout=20)
+    assert spawns(state_dir) == {"web": "exec"}
+    assert curl(netns1, "http://127.0.0.1:8080/ip")[0] == 200
+
+
+def test_eligible_only_root_module_programs() -> None:
+    base = {"name": "x", "netns": "n", "kind": "app", "argv": ["netlab.apps.httpbin"]}
+    assert forkspawn.eligible(ProcSpec.from_any(base))
+    for extra in ({"uid": 1337, "gid": 1337}, {"run": "exec", "argv": ["/bin/true"]}, {"netns_etc": True},
+                  {"exec_mode": "ip-netns-exec"}, {"hide": ["/run"]}):
+        assert not forkspawn.eligible(ProcSpec.from_any({**base, **extra})), extra
