@@ -31,7 +31,9 @@ import io
 import os
 import runpy
 import signal
+import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Iterable
 
@@ -88,7 +90,16 @@ class Forked:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def wait(self) -> int:
+    def wait(self, timeout: float | None = None) -> int:
+        """As ``Popen.wait``: block until the child ends or, with ``timeout``, raise
+        ``subprocess.TimeoutExpired`` (the daemon's stop of one process waits a grace period)."""
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            while self.poll() is None:
+                if time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired(str(self.pid), timeout)
+                time.sleep(0.01)
+            return self.returncode if self.returncode is not None else -1
         while self.returncode is None:
             try:
                 _, status = os.waitpid(self.pid, 0)
