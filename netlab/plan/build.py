@@ -449,6 +449,8 @@ class _Builder:
             if own is not None:
                 self.add([self._own_program(p, own)])
             elif p.app == istio.KUBE_DNS_NAME and p.namespace == istio.KUBE_SYSTEM_NS:
+                if not self.mesh:  # it answers from the mesh's registry, which mesh=False never writes
+                    continue
                 self.add([Process(name=f"{p.name}.{p.namespace}", netns=p.netns, kind="app", ref=p.ref,
                                   argv=("netlab.mesh.kubedns", "--lab", self.lab))])
             elif p.app in BUILTIN_PROGRAMS and p.mode not in ("ztunnel", "waypoint"):

@@ -237,3 +237,13 @@ def test_pod_objects_refuse_a_pod_that_is_not_enrolled() -> None:
     q = plan_of("ambient-to-sidecar").pod("bar/httpbin")
     with pytest.raises(ValueError, match="not an ambient pod"):
         inpod.pod_objects(q)
+
+
+def test_an_inpod_plan_without_the_mesh_starts_no_kube_dns_stand_in() -> None:
+    """``Lab.up(..., mesh=False)`` writes no registry, and the kube-dns stand-in answers from it:
+    it must not be planned then (it was, and such an `up` failed waiting for it)."""
+    with_mesh = {p.argv[0] for p in plan_of("ambient-to-sidecar").processes}
+    without = plan_of("ambient-to-sidecar", mesh=False).processes
+    assert "netlab.mesh.kubedns" in with_mesh
+    assert [p.argv[0] for p in without if p.argv[0].startswith("netlab.mesh.")] == []
+    assert "netlab.apps.httpbin" in {p.argv[0] for p in without}
