@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -67,6 +68,9 @@ def test_waypoint_add_then_rm_live(lab: Lab) -> None:
 
     n = len(lab.connection_legs("waypoint.bar"))
     assert httpbin_via(lab) == f"{wp.ip}:15008"  # ztunnel sends it to the waypoint now
+    deadline = time.monotonic() + 3  # the waypoint logs its leg when its relay ends, after the reply
+    while len(lab.connection_legs("waypoint.bar")) <= n and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(lab.connection_legs("waypoint.bar")) > n  # and the waypoint proxied it
     t = trace(lab, "foo/sleep", "httpbin.bar:8000", "/get")
     assert any(h.kind == "waypoint" or h.at.startswith("waypoint:") for h in t.hops), [h.at for h in t.hops]
