@@ -25,30 +25,17 @@ import random
 import socket
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from netlab import istio
 from netlab.errors import NetlabError, UsageError
 from netlab.netns import in_netns
 from netlab.plan.types import Plan, PodInfo
-from netlab.state import StateDir
 from netlab.topology.model import Hop, RequestPath
 from netlab.verify.hops import Geography, parse_frame
 from netlab.verify.labview import LabView
-from netlab.verify.sniff import BPF_SYN_OR_GENEVE, Capture
-from netlab.verify.trace import (
-    LEG_WAIT,
-    LegLog,
-    TraceResult,
-    _build_hops,
-    _denial,
-    _follow,
-    _judge,
-    _Sightings,
-    _snapshot,
-    http_get,
-)
+from netlab.verify.sniff import Capture
+from netlab.verify.trace import LEG_WAIT, Followed, LegLog, TraceResult, _follow, _judge, http_get, observe
 
 
 def probe_of(plan: Plan, pod: PodInfo, kind: str) -> dict[str, Any]:
@@ -104,30 +91,16 @@ def trace_probe(lab: LabView, pod_ref: str, kind: str = "readiness", *, timeout:
     node = plan.node(pod.node)
     port, path = int(probe["port"]), str(probe["path"])
     contract = probe_contract(plan, pod, port)
-    geo = Geography(plan)
-    ipt_ns = sorted({r.netns for r in plan.ipt_rules})
-    pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="netlab-probe-trace")
-    try:
-        before, saves = _snapshot(plan, ipt_ns, pool)
-        legs = LegLog(plan, StateDir(lab.state_dir))
-        cap = Capture(geo.targets(), bpf=BPF_SYN_OR_GENEVE, skip_missing=True).start()
-        try:
-            sock, sport = _open_on_node(node.netns, node.host_ip)
-            status, body, err = http_get(sock, pod.ip, port, pod.ip, path, uuid.uuid4().hex[:12], timeout)
-            first = _first_source(cap, sport, node.host_ip)
-            chain, notes = _follow(geo, cap, legs, first, deadline=time.monotonic() + LEG_WAIT)
-        finally:
-            frames = cap.stop()
-        after, _ = _snapshot(plan, ipt_ns, pool)
-        sights = _Sightings()
-        sights.feed(frames)
-        hops = _build_hops(plan, geo, sights, chain, pod.ip, port, before, after, saves, pool)
-    finally:
-        pool.shutdown(wait=True)
-    for h in hops:
-        denial = _denial(h.proxy) if h.kind == "proxy" and h.proxy else None
-        if denial:
-            notes.append(denial)
+    status, body, err, first, sport = 0, "", "", "", 0
+
+    def send(geo: Geography, cap: Capture, legs: LegLog) -> Followed:
+        nonlocal status, body, err, first, sport
+        sock, sport = _open_on_node(node.netns, node.host_ip)
+        status, body, err = http_get(sock, pod.ip, port, pod.ip, path, uuid.uuid4().hex[:12], timeout)
+        first = _first_source(cap, sport, node.host_ip)
+        return _follow(geo, cap, legs, first, deadline=time.monotonic() + LEG_WAIT)
+
+    hops, notes, _ = observe(lab, send, pod.ip, port, "netlab-probe-trace")
     if first != f"{node.host_ip}:{sport}":
         notes.append(f"the pod saw the probe from {first} (SNAT on {pod.node}), not from HOST_IP {node.host_ip}")
     res = TraceResult(lab.name, f"probe-{kind}", f"kubelet:{pod.node}", f"{pod.ref} {pod.ip}:{port}", path, status, body,

@@ -56,6 +56,7 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -301,30 +302,16 @@ def trace(lab: LabView, src_pod: str, dst: str, url: str | None = None, *,
     if url is None:
         url = path.url if path is not None else "/"
     ip, port, host = resolve_dst(plan, dst)
-    geo = Geography(plan)
     trace_id = uuid.uuid4().hex[:12]
-    ipt_ns = sorted({r.netns for r in plan.ipt_rules})
-    pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="netlab-trace")
-    try:
-        before, saves = _snapshot(plan, ipt_ns, pool)
-        legs = LegLog(plan, StateDir(lab.state_dir))
-        cap = Capture(geo.targets(), bpf=BPF_SYN_OR_GENEVE, skip_missing=True).start()
-        try:
-            sock, sport = open_client(pod)
-            status, body, err = http_get(sock, ip, port, host, url, trace_id, timeout)
-            chain, notes = _follow(geo, cap, legs, _ep(pod.ip, sport), deadline=time.monotonic() + LEG_WAIT)
-        finally:
-            frames = cap.stop()
-        after, _ = _snapshot(plan, ipt_ns, pool)
-        sights = _Sightings()
-        sights.feed(frames)
-        hops = _build_hops(plan, geo, sights, chain, ip, port, before, after, saves, pool)
-    finally:
-        pool.shutdown(wait=True)
-    for h in hops:
-        denial = _denial(h.proxy) if h.kind == "proxy" and h.proxy else None
-        if denial:
-            notes.append(denial)
+    status, body, err = 0, "", ""
+
+    def send(geo: Geography, cap: Capture, legs: LegLog) -> Followed:
+        nonlocal status, body, err
+        sock, sport = open_client(pod)
+        status, body, err = http_get(sock, ip, port, host, url, trace_id, timeout)
+        return _follow(geo, cap, legs, _ep(pod.ip, sport), deadline=time.monotonic() + LEG_WAIT)
+
+    hops, notes, legs = observe(lab, send, ip, port, "netlab-trace")
     if legs.skipped:
         notes.append(f"skipped {legs.skipped} line{'s' if legs.skipped != 1 else ''} of the connection logs "
                      f"({StateDir(lab.state_dir).conn}) that are not connection legs")
@@ -332,6 +319,39 @@ def trace(lab: LabView, src_pod: str, dst: str, url: str | None = None, *,
                       contract=path, error=err, notes=notes)
     _judge(res)
     return res
+
+
+Followed = tuple[list[tuple[str, ConnLeg | None]], list[str]]  # (the leg chain, notes) of _follow
+
+
+def observe(lab: LabView, send: Callable[[Geography, Capture, LegLog], Followed], first_ip: str, first_port: int,
+            thread_name: str) -> tuple[list[ObservedHop], list[str], LegLog]:
+    """What a request and a probe trace share: snapshot the rule counters, open the connection
+    logs, capture every lab interface while ``send`` sends and follows the request's legs, snapshot
+    again and build the hops (with a note per proxy denial). -> (hops, notes, the legs read)."""
+    plan: Plan = lab.plan
+    geo = Geography(plan)
+    ipt_ns = sorted({r.netns for r in plan.ipt_rules})
+    pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=thread_name)
+    try:
+        before, saves = _snapshot(plan, ipt_ns, pool)
+        legs = LegLog(plan, StateDir(lab.state_dir))
+        cap = Capture(geo.targets(), bpf=BPF_SYN_OR_GENEVE, skip_missing=True).start()
+        try:
+            chain, notes = send(geo, cap, legs)
+        finally:
+            frames = cap.stop()
+        after, _ = _snapshot(plan, ipt_ns, pool)
+        sights = _Sightings()
+        sights.feed(frames)
+        hops = _build_hops(plan, geo, sights, chain, first_ip, first_port, before, after, saves, pool)
+    finally:
+        pool.shutdown(wait=True)
+    for h in hops:
+        denial = _denial(h.proxy) if h.kind == "proxy" and h.proxy else None
+        if denial:
+            notes.append(denial)
+    return hops, notes, legs
 
 
 def _snapshot(plan: Plan, namespaces: list[str], pool: ThreadPoolExecutor) -> tuple[Counters, dict[str, str]]:
