@@ -18,7 +18,7 @@ import re
 import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from netlab import testhooks
 from netlab.errors import KernelFeatureError, LabStateError, NetlabError, UsageError
@@ -27,6 +27,9 @@ from netlab.names import BadName, check_lab_name
 from netlab.plan.types import Plan, PodInfo
 from netlab.state import ConnLeg, StateDir
 from netlab.state import lab_dir as state_dir  # the API's name for a lab's state directory
+
+if TYPE_CHECKING:
+    from netlab.runtime.supervisor import EarlySupervisor
 
 Progress = Callable[[str, int, int], None]
 
@@ -88,17 +91,24 @@ class Lab:
         # the in-pod datapath has no Geneve tunnel: nothing to probe (the plan records "userspace")
         mode = choose_tunnel(tunnel) if not inpod else "userspace"
         plan = build_plan(topo, lab=lab, tunnel=mode, source=str(path), mesh=mesh, datapath=datapath)
+        early = _early_supervisor(plan)
         try:
             # the lab stays locked (`down` refuses it) until its processes run or it is rolled back
             kapply.apply(plan, progress=progress, keep_lock=True)
-        except kapply.ApplyError as e:
-            raise NetlabError(f"lab {lab}: {e}") from None
-        except FileExistsError as e:  # the ledger dir appeared meanwhile: another `up` of the same name
-            raise LabStateError(f"lab {lab!r} is already up or being brought up ({e})") from None
+        except BaseException as e:
+            if early is not None:
+                early.cancel()
+            if isinstance(e, kapply.ApplyError):
+                raise NetlabError(f"lab {lab}: {e}") from None
+            if isinstance(e, FileExistsError):  # the ledger dir appeared meanwhile: another `up` of the same name
+                raise LabStateError(f"lab {lab!r} is already up or being brought up ({e})") from None
+            raise
         lab_obj = cls(plan)
         try:
-            lab_obj._start_runtime(progress)
+            lab_obj._start_runtime(progress, early=early)
         except BaseException as e:
+            if early is not None:
+                early.cancel()  # (a no-op once it was told to go)
             cls.down_lab(lab)
             if isinstance(e, Exception) and not isinstance(e, NetlabError):  # (the supervisor's, named)
                 raise NetlabError(f"lab {lab}: {e}; rolled back") from e
@@ -139,7 +149,8 @@ class Lab:
             ledger.release_lock(obj.name)
         return obj, problems
 
-    def _start_runtime(self, progress: Progress | None, bootstrap: bool = True) -> None:
+    def _start_runtime(self, progress: Progress | None, bootstrap: bool = True,
+                       early: EarlySupervisor | None = None) -> None:
         procs: list[Any] = list(self.plan.processes)
         if any(p.kind in ("ztunnel", "sidecar", "waypoint", "nodeagent") for p in procs):
             from netlab.mesh import bootstrap as mesh_bootstrap
@@ -149,6 +160,8 @@ class Lab:
                    else mesh_bootstrap.MeshContext.load(self.state_dir).registry)
             procs = mesh_bootstrap.supervised(self.plan, self.state_dir, reg)
         if not procs:
+            if early is not None:
+                early.cancel()
             return
         from netlab.runtime.supervisor import start_supervisor
 
@@ -156,7 +169,7 @@ class Lab:
             testhooks.point("runtime")
         if progress:
             progress("processes", 0, len(procs))
-        start_supervisor(self.name, procs, str(self.state_dir), timeout=30.0 + 0.5 * len(procs))
+        start_supervisor(self.name, procs, str(self.state_dir), timeout=30.0 + 0.5 * len(procs), early=early)
         if progress:
             progress("processes", len(procs), len(procs))
 
@@ -487,3 +500,20 @@ def _tunnels(link_text: str) -> str:
 
 
 __all__ = ["Lab", "NetlabError", "choose_tunnel", "state_dir"]
+
+
+def _early_supervisor(plan: Plan) -> EarlySupervisor | None:
+    """The lab's supervisor, started before the kernel apply so that its start-up and imports
+    overlap it (see EarlySupervisor); None for a lab without processes, or with fork-spawn off."""
+    if not plan.processes:
+        return None
+    from dataclasses import asdict
+
+    from netlab.runtime import forkspawn
+    from netlab.runtime.spawn import ProcSpec
+    from netlab.runtime.supervisor import EarlySupervisor
+
+    if not forkspawn.enabled():
+        return None
+    mods = [p.argv[0] for p in plan.processes if forkspawn.eligible(ProcSpec.from_any(asdict(p)))]
+    return EarlySupervisor(plan.lab, state_dir(plan.lab), mods)

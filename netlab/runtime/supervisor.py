@@ -34,14 +34,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from netlab.runtime import procfs
+from netlab.runtime import forkspawn, procfs
 from netlab.runtime.daemon import STOP_GRACE, Supervisor, load_specs
 from netlab.runtime.logs import last_lines as _log_tail
 from netlab.runtime.probe import is_ready_line
 from netlab.runtime.spawn import ProcSpec
 from netlab.state import StateDir, read_record, write_record
 
-__all__ = ["SupervisorError", "is_ready_line", "last_lines", "log_path", "main", "restart", "start_supervisor",
+__all__ = ["EarlySupervisor", "SupervisorError", "is_ready_line", "last_lines", "log_path", "main", "restart", "start_supervisor",
            "start_process", "status", "stop_process", "stop_supervisor", "wait_ready"]
 
 
@@ -139,8 +139,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spec", required=True, help="JSON list of netlab.plan.types.Process dicts")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--foreground", action="store_true", help="don't daemonize (debugging)")
+    p.add_argument("--preload", default="", metavar="MOD,...",
+                   help="import these program modules, then wait for 'go' on stdin before reading --spec "
+                        "(started early by `up`: see EarlySupervisor); EOF instead of 'go' exits quietly")
     a = p.parse_args(argv)
     _lab = a.lab
+    if a.preload:
+        failed = forkspawn.preload_modules(a.preload.split(","))
+        if sys.stdin.buffer.readline().strip() != b"go":
+            return 0  # `up` failed or was killed before its kernel objects were made: nothing to do
+        if failed:
+            print(f"netlab supervisor: preload failed: {failed}", file=sys.stderr)
     state_dir = Path(a.state_dir).resolve()
     try:
         specs = load_specs(a.spec)  # fail here, in the caller's terminal, not in a daemon log
@@ -187,13 +196,62 @@ def _spec_dicts(processes: Iterable[Any]) -> list[dict[str, Any]]:
     return [s.to_dict() for s in specs]
 
 
-def start_supervisor(lab: str, processes: Iterable[Any], state_dir: str | Path, timeout: float = 30.0) -> int:
+def _command(lab: str, spec_path: Path, sd: Path) -> list[str]:
+    return [sys.executable, "-m", "netlab.runtime.supervisor", "--lab", lab, "--spec", str(spec_path),
+            "--state-dir", str(sd)]
+
+
+class EarlySupervisor:
+    """A supervisor started while `up` still makes the lab's kernel objects.
+
+    Why: its cold interpreter and the import of every program module it forks (forkspawn) cost
+    0.3-0.5 s of one CPU, which `up` otherwise spends after the kernel apply, on the critical
+    path; started first, it does that on the other CPU while the apply waits on the kernel.
+    It waits on a pipe for ``go`` (sent by :func:`start_supervisor`) before it reads its spec,
+    touches the state directory or daemonizes: until then it is an ordinary child of `up`, so a
+    failed `up` (:meth:`cancel`) or a killed one (the pipe's end, EOF) leaves nothing behind.
+    """
+
+    def __init__(self, lab: str, state_dir: str | Path, modules: Iterable[str]) -> None:
+        self.lab, self.state_dir = lab, Path(state_dir).resolve()
+        mods = sorted(set(modules))
+        cmd = [*_command(lab, StateDir(self.state_dir).spec, self.state_dir), "--preload", ",".join(mods) or "-"]
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", close_fds=True)
+
+    def go(self, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Let it read its spec and daemonize; what it printed, as ``subprocess.run`` returns it."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            raise SupervisorError(f"lab {self.lab!r}: the early supervisor was already used")
+        try:
+            out, err = proc.communicate(b"go\n", timeout=timeout)
+        except BrokenPipeError:  # it died (or `down` stopped it) while waiting
+            out, err = b"", b"the early supervisor exited before it was told to start"
+            proc.wait()
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(errors="replace"),
+                                           err.decode(errors="replace"))
+
+    def cancel(self) -> None:
+        """EOF instead of ``go``: it exits without having touched anything."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                proc.communicate(timeout=5.0)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def start_supervisor(lab: str, processes: Iterable[Any], state_dir: str | Path, timeout: float = 30.0,
+                     early: EarlySupervisor | None = None) -> int:
     """Launch the lab's supervisor daemon; return its PID once every process is ready.
 
     ``processes``: plan ``Process`` values, ``ProcSpec``s or dicts (dicts may carry the extra
-    ProcSpec keys: exec_mode, netns_etc, env, caps, ready_timeout). On failure the supervisor is
-    stopped (nothing is left running) and SupervisorError names the process, its log and its
-    last log lines.
+    ProcSpec keys: exec_mode, netns_etc, env, caps, ready_timeout). ``early``: the one `up`
+    started before the kernel apply (told to go on here, instead of starting a new one). On
+    failure the supervisor is stopped (nothing is left running) and SupervisorError names the
+    process, its log and its last log lines.
     """
     sd = Path(state_dir).resolve()
     sd.mkdir(parents=True, exist_ok=True)
@@ -206,9 +264,13 @@ def start_supervisor(lab: str, processes: Iterable[Any], state_dir: str | Path, 
     write_record(spec_path, specs)
     with contextlib.suppress(FileNotFoundError):
         files.procs.unlink()
-    r = subprocess.run([sys.executable, "-m", "netlab.runtime.supervisor", "--lab", lab, "--spec", str(spec_path),
-                        "--state-dir", str(sd)], stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                       cwd="/", close_fds=True, timeout=30)
+    if early is not None and early.state_dir == sd and early.lab == lab:
+        r = early.go()
+    else:
+        if early is not None:
+            early.cancel()
+        r = subprocess.run(_command(lab, spec_path, sd), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           cwd="/", close_fds=True, timeout=30)
     if r.returncode != 0:
         raise SupervisorError(f"lab {lab!r}: supervisor did not start: {r.stderr.strip() or r.stdout.strip()}")
     pid = int(r.stdout.split()[0])
