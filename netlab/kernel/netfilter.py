@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from netlab import netns as ns
-from netlab.kernel import ipt
+from netlab.kernel import ipsetnl, ipt, rtnl
 from netlab.kernel.failures import ApplyError, ObjectError
 from netlab.kernel.ledger import Ledger
 from netlab.plan.types import IpSet, IpSetEntry, IptChain, IptRule
@@ -18,26 +18,23 @@ from netlab.plan.types import IpSet, IpSetEntry, IptChain, IptRule
 
 def write_ipsets(netns: str, cookie: int, sets: Sequence[IpSet], entries: Sequence[IpSetEntry],
                  ledger: Ledger) -> None:
-    """Create ``sets``, then add ``entries``, through pyroute2's ipset socket made here."""
-    from pyroute2 import IPSet as NlIPSet
-
-    ips = NlIPSet()  # its setup runs in this thread, so the socket is in this netns: check it
-    try:
-        ns.assert_socket_in(ips.asyncore.socket.fileno(), cookie, f"ipset socket in netns {netns}")
+    """Create ``sets``, then add ``entries`` in one batch, through one nfnetlink socket made
+    here, in this netns (checked); :mod:`netlab.kernel.ipsetnl` says why not pyroute2."""
+    with rtnl.Rtnl(ipsetnl.NETLINK_NETFILTER) as nl:
+        nl.assert_in(cookie, f"ipset socket in netns {netns}")
         for s in sets:
             ledger.intent([s])
             try:
-                ips.create(s.name, stype=s.type, comment=s.comment)
-            except Exception as e:
-                raise ObjectError(s, e) from e
+                ipsetnl.create_set(nl, s.name, s.type, s.comment)
+            except rtnl.NetlinkError as e:
+                raise ObjectError(s, ipsetnl.explain(e)) from e
+        if not entries:
+            return
         ledger.intent(list(entries))
-        for entry in entries:
-            try:
-                ips.add(entry.set, entry.ip, comment=entry.comment)
-            except Exception as e:
-                raise ObjectError(entry, e) from e
-    finally:
-        ips.close()
+        failed = nl.batch([ipsetnl.add(e.set, e.ip, e.comment, tag=e) for e in entries])
+    if failed:
+        req, err = failed[0]
+        raise ObjectError(req.tag, ipsetnl.explain(err))
 
 
 def write_iptables(netns: str, cookie: int, chains: Sequence[IptChain], rules: Sequence[IptRule],

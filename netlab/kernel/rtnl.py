@@ -279,10 +279,11 @@ _tls = threading.local()
 
 
 class Rtnl:
-    """A NETLINK_ROUTE socket in the calling thread's current netns."""
+    """A NETLINK_ROUTE socket in the calling thread's current netns (or, with ``protocol``,
+    another netlink family's that follows the same request/ACK rules: :mod:`netlab.kernel.ipsetnl`)."""
 
-    def __init__(self) -> None:
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    def __init__(self, protocol: int = socket.NETLINK_ROUTE) -> None:
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         try:
             for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
                 try:

@@ -24,7 +24,7 @@ from netlab.kernel.apply import ApplyError, apply, sysctl_path
 from netlab.kernel.destroy import destroy, lab_is_up, list_labs
 from netlab.plan.ambient import pod_uid
 from netlab.plan.iptspec import IptSpecError, parse_spec
-from netlab.plan.types import IptRule, Route, Sysctl
+from netlab.plan.types import IpSetEntry, IptRule, Route, Sysctl
 from netlab.state import StateDir
 from tests import sample_plans as sample
 
@@ -329,6 +329,26 @@ def test_rejected_iptables_rule_is_named():
         destroy("hk-g", force=True)
     assert f"iptables -t mangle -A OUTPUT {bad.spec} in netns hk-g-node-1" in str(ei.value)
     assert lingering("hk-g-") == []
+
+
+@pytest.mark.kernel
+@kernel
+def test_rejected_ipset_entry_is_named():
+    """The entries go in one nfnetlink batch (kernel/ipsetnl): a refused one (here the same IP
+    twice) is named by the ACK matched to its request, and apply rolls back."""
+    base = sample.build("hk-i", nodes=1, pods_per_node=1, istio_rules=True)
+    node = "hk-i-node-1"
+    ents = [IpSetEntry(node, istio.ZTUNNEL_PODS_IPSET, f"10.9.0.{i}", f"hk/p{i}") for i in (1, 2, 3)]
+    dup = IpSetEntry(node, istio.ZTUNNEL_PODS_IPSET, "10.9.0.2", "hk/again")
+    plan = dataclasses.replace(base, ipset_entries=(*base.ipset_entries, *ents, dup))
+    try:
+        with pytest.raises(ApplyError) as ei:
+            apply(plan)
+        assert "ipset entry 10.9.0.2 in ztunnel-pods-ips in netns hk-i-node-1: element is already in the set" \
+            in str(ei.value), str(ei.value)
+    finally:
+        destroy("hk-i", force=True)
+    assert lingering("hk-i-") == []
 
 
 @pytest.mark.kernel
