@@ -63,6 +63,7 @@ LABELS = "labels.json"
 WAYPOINTS = "waypoints.json"  # the waypoints `netlab waypoint` added or removed since `up` (netlab.mesh.livewaypoint)
 PROBES = "probes"  # probes/<node>.json: what the kubelet stand-in of <node> last saw (netlab.mesh.kubelet)  # the label changes `netlab label` made since `up` (netlab.mesh.relabel)
 CA = "ca"
+CA_CERTS = "certs"  # ca/certs/<identity>/: the leaves (netlab.mesh.ca issues them)
 CONN = "conn"
 CONN_SUFFIX = ".jsonl"
 #: A component's second connection-log file (see :mod:`netlab.mesh.connlog`: the writer alternates).
@@ -303,7 +304,7 @@ class ConnLeg:
 
 _CONN_LEG_FIELDS = tuple(f.name for f in dataclasses.fields(ConnLeg))
 
-__all__ = ["CA", "CONN", "CONN_ROTATED_SUFFIX", "CONN_SUFFIX", "DEFAULT_RUN_DIR", "LEDGER", "LOCK", "LOGS",
+__all__ = ["CA", "CA_CERTS", "CONN", "CONN_ROTATED_SUFFIX", "CONN_SUFFIX", "DEFAULT_RUN_DIR", "LEDGER", "LOCK", "LOGS",
            "LABELS", "LOG_SUFFIX", "PROBES", "PLAN", "PROCS", "REGISTRY", "REQUESTS", "RUN_DIR_ENV", "SPEC", "SUPERVISOR",
            "SUPERVISOR_FILES", "SUPERVISOR_LOCK", "SUPERVISOR_LOG", "WAYPOINTS", "ZDS", "ZDS_CONTROL_SUFFIX", "ZDS_SUFFIX", "ConnLeg", "StateDir", "lab_dir",
            "lab_names", "read_lock", "read_record", "run_dir", "write_lock_text", "write_record"]

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from netlab import state
 from netlab.istio import TRUST_DOMAIN, spiffe_id
 from netlab.names import BadName, cert_dir_name
 
@@ -38,7 +39,7 @@ __all__ = ["CAError", "LabCA", "spiffe_id", "trust_domain_of", "uri_sans"]
 CA_COMMON_NAME = "netlab lab CA"
 CA_CERT_FILE = "ca-cert.pem"
 CA_KEY_FILE = "ca-key.pem"
-CERTS_DIR = "certs"
+CERTS_DIR = state.CA_CERTS
 LEAF_CERT_FILE = "cert.pem"
 LEAF_KEY_FILE = "key.pem"
 CA_VALIDITY = _dt.timedelta(days=3650)

@@ -23,12 +23,13 @@ import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from netlab import istio
-from netlab.plan.ambient import pod_uid
-from netlab.plan.types import Plan, PodInfo
-from netlab.plan.types import PolicyInfo as Policy  # the plan's policies are what istiod would push
+from netlab.plan.policy import PolicyInfo as Policy  # the plan's policies are what istiod would push
+
+if TYPE_CHECKING:  # (at run time only build_registry needs the plan, and imports it: see plan.policy)
+    from netlab.plan.types import Plan, PodInfo
 
 __all__ = ["Policy", "Protocol", "Registry", "ServiceEntry", "Workload", "build_registry"]
 
@@ -234,6 +235,8 @@ def _protocol(p: PodInfo) -> tuple[Protocol, bool]:
 
 
 def build_registry(plan: Plan, trust_domain: str = istio.TRUST_DOMAIN) -> Registry:
+    from netlab.plan.ambient import pod_uid
+
     reg = Registry(trust_domain=trust_domain, datapath=plan.datapath,
                    policies=list(plan.policies))
     waypoints = [p for p in plan.pods if p.mode == "waypoint"]

@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from netlab.plan.policy import PolicyInfo as PolicyInfo  # (re-exported: the plan's own type)
+
 MAIN_TABLE = 254
 
 Role = Literal["fabric", "node", "pod"]
@@ -331,19 +333,6 @@ class ServiceInfo:
     #: (datapath inpod; 1.18 binds waypoints to workloads, not Services: see the registry)
     waypoint: str = ""
     protocols: tuple[str, ...] = ("tcp",)  # what kube-proxy's DNAT carries (kube-dns: udp and tcp)
-
-
-@dataclass(frozen=True)
-class PolicyInfo:
-    """An L4 AuthorizationPolicy as ztunnel gets it (what istiod would push): for every workload
-    of ``namespace``. ``sources``: SPIFFE IDs (``spiffe://`` form), ``ns/<namespace>`` or ``*``;
-    empty = any source, plaintext too. ``ports``: destination target ports; empty = any."""
-
-    name: str
-    namespace: str
-    action: Literal["ALLOW", "DENY"]
-    sources: tuple[str, ...] = ()
-    ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

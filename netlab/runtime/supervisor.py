@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -144,12 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(started early by `up`: see EarlySupervisor); EOF instead of 'go' exits quietly")
     a = p.parse_args(argv)
     _lab = a.lab
-    if a.preload:
-        failed = forkspawn.preload_modules(a.preload.split(","))
-        if sys.stdin.buffer.readline().strip() != b"go":
-            return 0  # `up` failed or was killed before its kernel objects were made: nothing to do
-        if failed:
-            print(f"netlab supervisor: preload failed: {failed}", file=sys.stderr)
+    if a.preload and not _preload_until_go(a.preload.split(",")):
+        return 0  # `up` failed or was killed before its kernel objects were made: nothing to do
     state_dir = Path(a.state_dir).resolve()
     try:
         specs = load_specs(a.spec)  # fail here, in the caller's terminal, not in a daemon log
@@ -185,6 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         if info.get("pid") == os.getpid():
             info["state"] = "stopped"
             write_record(sup.files.supervisor, info)
+
+
+def _preload_until_go(modules: list[str]) -> bool:
+    """The early supervisor's wait: import the program modules one at a time while `up` applies
+    the kernel objects, and stop importing as soon as ``go`` is there (a small lab's apply ends
+    before the imports do: its exec'd processes, sidecars, must not wait for them; the daemon
+    imports the rest after starting those). True on ``go``; False on EOF (`up` gave up or died)."""
+    for mod in modules:
+        if select.select([0], [], [], 0)[0]:
+            break
+        forkspawn.preload_modules([mod])  # (a failure shows again, in the child's log)
+    return sys.stdin.buffer.readline().strip() == b"go"
 
 
 # ---------------------------------------------------------------------------------------------
