@@ -22,21 +22,14 @@ from netlab.plan.types import Process
 from netlab.runtime import forkspawn, procfs
 from netlab.runtime import supervisor as sv
 from netlab.runtime.spawn import ProcSpec
-from tests.kernel.test_runtime import curl, fd_links, netns_ino, sig_ignored, wait_for
+from tests.kernel.test_runtime import _netns, curl, fd_links, netns_ino, sig_ignored, wait_for
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 
 @pytest.fixture
 def netns1() -> Iterator[str]:
-    name = "hf-1"
-    ns.delete_netns(name)
-    ns.create_netns(name)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        ns.delete_netns(name)
+    yield from _netns("hf-1")
 
 
 @pytest.fixture
