@@ -156,7 +156,9 @@ class NodeAgent:
 
     @classmethod
     def for_lab(cls, lab: str, node: str) -> NodeAgent:
-        plan = ledger.read_plan(lab, parts=("nodes", "pods"))  # (what pods_of and plan.node read)
+        # what pods_of and plan.node read, and of the pods only this node's (a 1,000-pod plan
+        # parsed and built whole took ~0.1 s of CPU in each of 20 node agents starting at once)
+        plan = ledger.read_plan(lab, parts=("nodes", "pods"), where={"pods": lambda p: p.get("node") == node})
         plan.node(node)  # KeyError naming the nodes
         pods, known = pods_of(plan, node)
         return cls(lab, node, pods, known, ledger.netns_cookies(lab), StateDir.of(lab))
