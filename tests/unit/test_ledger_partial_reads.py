@@ -35,6 +35,8 @@ def test_partial_plan_and_cookies_match_full_reads(tmp_path: Path, monkeypatch: 
     assert part.ipt_rules == () and part.links == () and plan.links
     want = {n.name: 1000 + i for i, n in enumerate(plan.netns)}
     assert ledger.netns_cookies(plan.lab) == want  # the lookalike and the torn last line ignored
+    some = {n.name for n in plan.netns[1:3]}
+    assert ledger.netns_cookies(plan.lab, some) == {n: c for n, c in want.items() if n in some}
     assert len(ledger.read_entries(plan.lab)) == len(lines)
     assert len(ledger.read_entries(plan.lab, containing=b"Netns")) == len(plan.netns) + 1
 
