@@ -8,16 +8,17 @@ chain lists), the appends and a commit, all under the process-wide libiptc lock 
 that was ~1 ms of CPU per pod and most of what makes the in-pod pods phase slower than 1.18's
 (issue 24). The kernel takes a table as one blob, so the blob of the first pod's table, read
 back after its commit, is the blob of every other pod's: each of them then costs one raw
-socket, one ``IPT_SO_GET_INFO`` and one ``IPT_SO_SET_REPLACE``, outside the libiptc lock. The
+socket, ``IPT_SO_GET_INFO`` and ``IPT_SO_GET_ENTRIES`` of the fresh table (is it the one the image
+was written onto?) and one ``IPT_SO_SET_REPLACE``, outside the libiptc lock. The
 kernel checks every entry of a replaced table again (``translate_table``: sizes, hooks, jumps,
 each match's and target's ``checkentry``), as it does for libiptc's commit.
 
 When an image is used (:func:`replace`): only for a table whose chains and rules are the ones
 the image was made from (the key, :func:`image_key`), none of which refers to an ipset (a
 set's index differs per netns, as in ``ipt._cacheable``), and only onto a table that is still
-what the image's table was before it was written (its ``IPT_SO_GET_INFO``: hooks, entry count
-and size; a fresh netns's built-in table). Anything else, and any error, and the caller goes
-the libiptc way, which names the object the kernel refuses.
+what the image's table was before it was written (its ``IPT_SO_GET_INFO`` and its entries, byte
+for byte: a fresh netns's built-in table, policies and all). Anything else, and any error, and
+the caller goes the libiptc way, which names the object the kernel refuses.
 
 Layouts (``linux/netfilter_ipv4/ip_tables.h``, x86-64 and every 64-bit ABI the lab runs on):
 ``ipt_getinfo`` is 84 bytes; ``ipt_get_entries`` has its entries at offset 40; ``ipt_replace``
@@ -77,7 +78,8 @@ class Info:
 class Image:
     """A table as the kernel holds it after libiptc wrote it, and what it was before."""
 
-    before: Info  # the table it was written onto (a fresh netns's built-in table)
+    before: Info  # the table it was written onto (a fresh netns's built-in table) ...
+    before_entries: bytes  # ... byte for byte (the policies too, which its Info does not show)
     after: Info
     entries: bytes
 
@@ -123,9 +125,9 @@ def get_entries(s: socket.socket, table: str, size: int) -> bytes:
     return buf.raw[_GET_ENTRIES_HEAD:]
 
 
-def capture(table: str, key: tuple[object, ...], before: Info, cookie: int, where: str) -> None:
+def capture(table: str, key: tuple[object, ...], before: tuple[Info, bytes], cookie: int, where: str) -> None:
     """Keep the table libiptc just committed in the calling thread's netns as the image of
-    ``key`` (``before``: the table as it was before that commit)."""
+    ``key`` (``before``: the table as it was before that commit, :func:`table_state`)."""
     with _LOCK:
         if key in _IMAGES or len(_IMAGES) >= IMAGES_MAX:
             return
@@ -136,13 +138,15 @@ def capture(table: str, key: tuple[object, ...], before: Info, cookie: int, wher
     finally:
         s.close()
     with _LOCK:
-        _IMAGES.setdefault(key, Image(before, after, entries))
+        _IMAGES.setdefault(key, Image(before[0], before[1], after, entries))
 
 
-def table_info(table: str, cookie: int, where: str) -> Info:
+def table_state(table: str, cookie: int, where: str) -> tuple[Info, bytes]:
+    """The table as the kernel holds it in the calling thread's netns: its info and entries."""
     s = _raw_socket(cookie, f"iptables -t {table} {where}")
     try:
-        return get_info(s, table)
+        info = get_info(s, table)
+        return info, get_entries(s, table, info.size)
     finally:
         s.close()
 
@@ -157,7 +161,7 @@ def replace(table: str, key: tuple[object, ...], cookie: int, where: str) -> boo
     s = _raw_socket(cookie, f"iptables -t {table} {where}")
     try:
         now = get_info(s, table)
-        if now != img.before:
+        if now != img.before or get_entries(s, table, now.size) != img.before_entries:
             return False
         counters = ctypes.create_string_buffer(max(1, now.num_entries) * COUNTERS_SIZE)  # the old ones land here
         a = img.after

@@ -63,7 +63,7 @@ def write_iptables(netns: str, cookie: int, chains: Sequence[IptChain], rules: S
             try:
                 if iptimage.replace(table, key, cookie, where):
                     continue
-                before = iptimage.table_info(table, cookie, where)
+                before = iptimage.table_state(table, cookie, where)
             except OSError as e:
                 if isinstance(e, ns.NetnsError):
                     raise

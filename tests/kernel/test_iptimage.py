@@ -5,7 +5,7 @@ An in-pod lab writes the same mangle, nat and raw tables in every pod (issue 24)
 goes through libiptc and its tables are kept; the next pods get them in one write each. What a
 pod gets that way must be what ``iptables-legacy-save`` shows for the first pod, the write must
 not take libiptc's path at all, and a table that is not the fresh one the image was written onto
-(a rule already there) must go through libiptc, keeping that rule.
+(a rule already there, another policy) must go through libiptc, keeping what was there.
 """
 
 from __future__ import annotations
@@ -99,6 +99,17 @@ def test_a_table_that_is_not_fresh_goes_through_libiptc(three: tuple[str, str, s
     # mangle and raw were fresh there: they came from the images, the same as the first netns's
     assert [ln for ln in got if "HI_PRERT" in ln or "CT --zone" in ln] == \
            [ln for ln in saved(three[0]) if "HI_PRERT" in ln or "CT --zone" in ln]
+
+
+def test_a_table_with_another_policy_goes_through_libiptc(three: tuple[str, str, str]) -> None:
+    """Same entry count and size as the fresh table, other content: a policy (what the image's
+    table info alone would not tell apart). The policy is kept."""
+    write(three[0])
+    subprocess.run(["ip", "netns", "exec", three[2], "iptables-legacy", "-t", "raw", "-P", "OUTPUT", "DROP"], check=True)
+    write(three[2])
+    got = saved(three[2])
+    assert ":OUTPUT DROP [0:0]" in got
+    assert "-A HI_OUTPUT -p udp -m mark --mark 0x539/0xfff -m udp --dport 53 -j CT --zone 1" in got
 
 
 def test_rules_naming_an_ipset_have_no_image() -> None:
