@@ -27,19 +27,21 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import mmap
 import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netlab import state
 from netlab.errors import LabStateError
 from netlab.plan.types import Plan
 from netlab.state import StateDir
 
-Buffer = bytes | mmap.mmap  # a file's content, read or mapped
+if TYPE_CHECKING:
+    import mmap
+
+    Buffer = bytes | mmap.mmap  # a file's content, read or mapped
 
 
 class LabExistsError(FileExistsError):
@@ -130,6 +132,8 @@ def _mapped(path: Path) -> Iterator[Buffer]:
     """The file's bytes, mapped rather than read (a node agent looks at a few hundred KB of a
     big lab's 4-5 MB plan and ledger: reading them whole was most of its start-up's system
     time); an empty file is ``b""``. FileNotFoundError as for a read."""
+    import mmap  # (here: every process that imports the ledger, the supervisor and what it forks, need not)
+
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if not size:
