@@ -3,6 +3,11 @@
 Both check the namespace of the socket they write through against the cookie recorded when the
 namespace was made (the ipset socket with ``SO_NETNS_COOKIE``, libiptc's in :class:`ipt.TableTx`),
 record their objects in the ledger first, and name the object the kernel refused.
+
+A table whose content was written in another netns before (an in-pod lab's pods all get the
+same three) is written from that table's image in one ``IPT_SO_SET_REPLACE``, not through
+libiptc (:mod:`netlab.kernel.iptimage`); the first of its kind, and any that does not fit an
+image, goes through libiptc as before.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from netlab import netns as ns
-from netlab.kernel import ipsetnl, ipt, rtnl
+from netlab.kernel import ipsetnl, ipt, iptimage, rtnl
 from netlab.kernel.failures import ApplyError, ObjectError
 from netlab.kernel.ledger import Ledger
 from netlab.plan.types import IpSet, IpSetEntry, IptChain, IptRule
@@ -45,8 +50,21 @@ def write_iptables(netns: str, cookie: int, chains: Sequence[IptChain], rules: S
         tables.setdefault(c.table, ([], []))[0].append(c)
     for rl in rules:
         tables.setdefault(rl.table, ([], []))[1].append(rl)
+    where = f"in netns {netns}"
     for table, (cs, rs) in tables.items():
         ledger.intent([*cs, *rs])
+        # the same table as in a pod before (an in-pod lab's every pod): its image, one write
+        key = iptimage.image_key(table, cs, rs)
+        before = None
+        if key is not None:
+            try:
+                if iptimage.replace(table, key, cookie, where):
+                    continue
+                before = iptimage.table_state(table, cookie, where)
+            except OSError as e:
+                if isinstance(e, ns.NetnsError):
+                    raise
+                before = None  # the libiptc way below names what the kernel refuses
         with ipt.locked():
             try:
                 _table(netns, cookie, table, cs, rs, commit_each=False)
@@ -57,6 +75,12 @@ def write_iptables(netns: str, cookie: int, chains: Sequence[IptChain], rules: S
                 # object to name the one it rejects (the netns is ours: partial state is fine)
                 _table(netns, cookie, table, cs, rs, commit_each=True)
                 raise ApplyError(f"iptables -t {table} in netns {netns}: commit failed: {e}") from e
+        if key is not None and before is not None:
+            try:
+                iptimage.capture(table, key, before, cookie, where)
+            except OSError as e:
+                if isinstance(e, ns.NetnsError):
+                    raise
 
 
 def _table(netns: str, cookie: int, table: str, cs: list[IptChain], rs: list[IptRule], *, commit_each: bool) -> None:

@@ -229,6 +229,26 @@ def test_killing_ztunnel_redelivers_every_pod_and_traffic_is_back_within_1s(lab:
     assert ready[-1]["pods"] == ["bar/httpbin-local", "foo/sleep"]
 
 
+def test_killing_the_node_agent_its_restart_sends_a_new_snapshot_and_ztunnel_keeps_its_pods(lab: Lab) -> None:
+    """The agent, restarted by the supervisor, reads its pods again (the plan's and the ledger's
+    lines it needs, issue 24) and sends the snapshot again; ztunnel reconnects, keeps the pods
+    it has (same netns: no-op adds) and traffic flows throughout."""
+    url = "http://httpbin.bar:8000/ip"
+    agent_log = lab.files.log("istio-cni-node-a")
+    snapshots = agent_log.read_text().count("snapshot of 2 pods sent")
+    zt = pid_of(lab, "ztunnel-node-a")
+    old = pid_of(lab, "istio-cni-node-a")
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while agent_log.read_text().count("snapshot of 2 pods sent") == snapshots and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent_log.read_text().count("snapshot of 2 pods sent") == snapshots + 1
+    assert pid_of(lab, "istio-cni-node-a") != old and pid_of(lab, "ztunnel-node-a") == zt
+    listed = asyncio.run(request(lab.files.zds_control("node-a"), {"op": "list"}))
+    assert sorted(listed["pods"]) == ["bar/httpbin-local", "foo/sleep"] and listed["ztunnels"] == 1
+    assert curl(lab, "sleep", url)[0] == 200
+
+
 # ---- run-time enrolment through the agent's request socket -----------------------------------
 def test_unenrol_and_enrol_one_pod(lab: Lab) -> None:
     sleep = lab.plan.pod("foo/sleep")

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,25 +104,36 @@ class PodProxy:
     def _starter(self, handler: Callable[[TcpStream], Coroutine[Any, Any, None]]) -> Callable[[TcpStream], None]:
         return lambda down: self._spawn(handler(down))
 
-    async def start(self) -> PodProxy:
+    async def start(self, cert: tuple[Path, Path] | None = None) -> PodProxy:
+        """Listen in the pod (``cert``: the workload's, if the caller has it at hand)."""
         loop = asyncio.get_running_loop()
         c = self.pi.cfg
+        socks: list[socket.socket] = []
         try:
-            for port, handler in ((c.outbound_port, self._outbound), (c.inbound_plaintext_port, self._plaintext)):
-                lsock = self.make.listener(c.bind, port, transparent=True)
+            with self.make.inside():  # every socket in one visit to the pod's netns
+                socks += [self.make.listener(c.bind, port, transparent=True)
+                          for port in (c.outbound_port, c.inbound_plaintext_port, c.inbound_port)]
+                if self.pi.registry.kube_dns() is not None:
+                    socks += [self.make.udp(DNS_BIND, istio.ZTUNNEL_DNS_PORT),
+                              self.make.listener(DNS_BIND, istio.ZTUNNEL_DNS_PORT, transparent=False)]
+            out, plain, hbone, *dns_socks = socks
+            for lsock, handler in ((out, self._outbound), (plain, self._plaintext)):
                 self._servers.append(await loop.create_server(accepting_tcp_streams(self._starter(handler)), sock=lsock,
                                                               backlog=LISTEN_BACKLOG))
-            cert = self.pi.ctx.cert_for(self.wl.identity)
+                socks.remove(lsock)
+            cert = cert or self.pi.ctx.cert_for(self.wl.identity)
             self._hbone = HboneServer(handler=self._inbound, cert_for=lambda _ip: cert, default_cert=cert,
                                       ca=self.pi.ca, trust_domain=self.pi.registry.trust_domain,
                                       check_authority=False, on_relay_done=self.pi.legs.relay_done,
                                       non_connect_status=400)
-            await self._hbone.start(self.make.listener(c.bind, c.inbound_port, transparent=True))
-            if self.pi.registry.kube_dns() is not None:
-                self._dns = await DnsServer(self._resolve).start(
-                    self.make.udp(DNS_BIND, istio.ZTUNNEL_DNS_PORT),
-                    self.make.listener(DNS_BIND, istio.ZTUNNEL_DNS_PORT, transparent=False))
+            socks.remove(hbone)
+            await self._hbone.start(hbone)
+            if dns_socks:
+                socks.clear()
+                self._dns = await DnsServer(self._resolve).start(*dns_socks)
         except BaseException:
+            for s in socks:  # made, not yet handed to a server
+                s.close()
             await self.stop()
             raise
         log.info("pod %s (%s): proxy up in its netns, listening on %s", self.wl.ref, self.uid, self.ports)
@@ -210,6 +222,7 @@ class InpodManager:
     #: (the registry it was made from, uid -> workload): a snapshot of N pods looked each one
     #: up by scanning every workload of the lab, N x (all pods) per node agent's snapshot
     _by_uid: tuple[object, dict[str, Workload]] = (None, {})
+    _certs: dict[str, tuple[Path, Path]] = field(default_factory=dict)
 
     def ready(self) -> bool:
         return self.connected and self.snapshot_received
@@ -328,8 +341,12 @@ class InpodManager:
         assert self._names is not None
         proxy = PodProxy(self.pi, req.uid, wl, fd, self._home, self._names)
         try:
-            await proxy.start()  # (stop() in start's failure path closed the fd)
+            cert = self._certs.get(wl.identity)
+            if cert is None:  # (a node's pods share a few identities: one look-up each)
+                cert = self._certs[wl.identity] = self.pi.ctx.cert_for(wl.identity)
+            await proxy.start(cert)  # (stop() in start's failure path closed the fd)
         except Exception as e:  # noqa: BLE001 - a proxy error is a nack, the connection stays
+            await proxy.stop()  # (again, if start failed: it closes the fd once)
             log.warning("zds: pod %s: failed to start proxy: %s", wl.ref, e)
             return f"failed to start proxy: {e}"
         self.proxies[req.uid] = proxy
