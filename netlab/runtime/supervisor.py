@@ -210,6 +210,19 @@ def _command(lab: str, spec_path: Path, sd: Path) -> list[str]:
             "--state-dir", str(sd)]
 
 
+def _env() -> dict[str, str]:
+    """The caller's environment, with the directory this netlab is imported from first on
+    PYTHONPATH (as ``spawn.child_env`` gives the children): started from a source tree, the
+    supervisor and every program it forks run that tree, not whatever netlab the interpreter
+    would find from ``/``."""
+    import netlab
+
+    root = str(Path(list(netlab.__path__)[0]).parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 class EarlySupervisor:
     """A supervisor started while `up` still makes the lab's kernel objects.
 
@@ -226,7 +239,8 @@ class EarlySupervisor:
         mods = sorted(set(modules))
         cmd = [*_command(lab, StateDir(self.state_dir).spec, self.state_dir), "--preload", ",".join(mods) or "-"]
         self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", close_fds=True)
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", close_fds=True,
+            env=_env())
 
     def go(self, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Let it read its spec and daemonize; what it printed, as ``subprocess.run`` returns it."""
@@ -279,7 +293,7 @@ def start_supervisor(lab: str, processes: Iterable[Any], state_dir: str | Path, 
         if early is not None:
             early.cancel()
         r = subprocess.run(_command(lab, spec_path, sd), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           cwd="/", close_fds=True, timeout=30)
+                           cwd="/", close_fds=True, timeout=30, env=_env())
     if r.returncode != 0:
         raise SupervisorError(f"lab {lab!r}: supervisor did not start: {r.stderr.strip() or r.stdout.strip()}")
     pid = int(r.stdout.split()[0])

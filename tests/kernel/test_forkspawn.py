@@ -130,3 +130,17 @@ def test_early_supervisor_exits_when_up_dies_before_telling_it_to_go(tmp_path: P
     launcher.wait()
     assert wait_for(lambda: not procfs.alive(early), 5.0), "the early supervisor outlived the `up` that started it"
     assert not sd.exists()
+
+
+def test_supervisor_runs_the_netlab_its_caller_imported(netns1: str, state_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Started from `/` with the caller's environment, the daemon would import whatever netlab the
+    interpreter finds (an installed one, not the checkout `up` runs from): it gets the caller's
+    netlab directory first on PYTHONPATH, as its children do."""
+    import netlab
+
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    sup = sv.start_supervisor("hf", [Process("web", netns1, "app", ("netlab.apps.httpbin", "--port", "8080"))],
+                              state_dir, timeout=20)
+    env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{sup}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    assert env[b"PYTHONPATH"].split(b":")[0].decode() == str(Path(netlab.__file__).resolve().parents[1])
