@@ -1,0 +1,91 @@
+"""`down` at scale (issue 24): namespaces deleted from several threads while the files go, the
+ledger read in part, the supervisor waited for by pidfd and ending without its interpreter's
+teardown. Each keeps what `down` promised before: only what the lab provably made is removed,
+everything of it is, and the report says which is which. Namespaces are prefixed ``hk-m``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from netlab import netns as ns
+from netlab.kernel import destroy as destroy_mod
+from netlab.kernel import ledger
+from netlab.kernel.apply import apply
+from netlab.kernel.destroy import destroy
+from netlab.state import StateDir
+from tests import sample_plans as sample
+
+pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root (creates namespaces)")]
+
+
+def lingering(prefix: str) -> list[str]:
+    return sorted(n for n in ns.list_netns() if n.startswith(prefix))
+
+
+def test_many_namespaces_from_threads_spare_the_foreign_ones_and_the_report_keeps_ledger_order() -> None:
+    """43 namespaces (more than destroy's threads), two of them replaced by namespaces this lab
+    did not make, one already gone, one hosts file replaced by another: destroy removes the
+    rest, leaves those (each named once, the foreign namespaces with their own cookies), and
+    lists what it deleted in the ledger's reverse order, as the one-thread loop did."""
+    plan = sample.build("hk-m", nodes=2, pods_per_node=20, files=True)
+    assert len(plan.netns) > destroy_mod._NETNS_THREADS
+    apply(plan)
+    foreign = ["hk-m-n1-p7", "hk-m-n2-p13"]
+    gone = "hk-m-n2-p3"
+    hosts = Path("/etc/netns/hk-m-n1-p2/hosts")
+    order = [e["obj"]["name"] for e in ledger.read_entries("hk-m") if e.get("type") == "Netns"]
+    try:
+        cookies = {}
+        for name in foreign:
+            ns.delete_netns(name)
+            ns.create_netns(name)
+            cookies[name] = ns.netns_cookie(name)
+        ns.delete_netns(gone)
+        hosts.unlink()
+        hosts.write_text("not the lab's\n")
+        rep = destroy("hk-m")
+        assert not rep.errors, rep.errors
+        assert rep.netns_deleted == [n for n in reversed(order) if n not in foreign and n != gone]
+        assert sorted(rep.kept) == sorted([f"netns {n} (not the namespace this lab made: another lab or user has "
+                                           "that name now)" for n in foreign]
+                                          + [f"file {hosts} (not the file this lab made)"]), rep.kept
+        assert lingering("hk-m-") == sorted(foreign)
+        assert {n: ns.netns_cookie(n) for n in foreign} == cookies
+        assert hosts.read_text() == "not the lab's\n"
+        assert len(rep.files_removed) == len(plan.files) - 1
+        assert [p for p in Path("/etc/netns").glob("hk-m-*") if p != hosts.parent] == []
+        assert not StateDir.of("hk-m").path.exists()
+    finally:
+        for name in foreign:
+            ns.delete_netns(name)
+        hosts.unlink(missing_ok=True)
+        if hosts.parent.exists():
+            hosts.parent.rmdir()
+        destroy("hk-m", force=True)
+    assert lingering("hk-m-") == []
+
+
+def test_the_part_of_the_ledger_destroy_reads_is_what_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """destroy parses only the lines that can be a process, a failed intent, a directory made,
+    or a netns's or file's intent: every such line, written compactly or not, and no key-only
+    intent."""
+    monkeypatch.setenv("NETLAB_RUN_DIR", str(tmp_path))
+    d = tmp_path / "hk-mr"
+    d.mkdir()
+    want = [{"op": "process", "name": "a", "pid": 1, "starttime": 2},
+            {"op": "failed", "key": "netns:x"},
+            {"op": "mkdir", "path": "/etc/netns/x", "dev": 1, "ino": 2},
+            {"op": "intent", "key": "netns:x", "type": "Netns", "obj": {"name": "x"}, "cookie": 5},
+            {"op": "intent", "key": "file:/etc/netns/x/hosts", "type": "File", "obj": {"path": "/etc/netns/x/hosts"}}]
+    skip = [{"op": "intent", "key": "link:x/eth0", "type": "Link"}, {"op": "done"},
+            {"op": "label", "modes": {}}]
+    lines = [json.dumps(e, separators=(",", ":")) for e in want[:3]] + [json.dumps(e) for e in want[3:]]
+    lines += [json.dumps(e) for e in skip]
+    (d / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+    assert ledger.read_entries("hk-mr", containing=destroy_mod._READS) == want
+    assert len(ledger.read_entries("hk-mr")) == len(want) + len(skip)
