@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ from netlab.kernel import destroy as destroy_mod
 from netlab.kernel import ledger
 from netlab.kernel.apply import apply
 from netlab.kernel.destroy import destroy
+from netlab.runtime import procfs
+from netlab.runtime import supervisor as sv
 from netlab.state import StateDir
 from tests import sample_plans as sample
 
@@ -89,3 +94,40 @@ def test_the_part_of_the_ledger_destroy_reads_is_what_it_needs(tmp_path: Path, m
     (d / "ledger.jsonl").write_text("\n".join(lines) + "\n")
     assert ledger.read_entries("hk-mr", containing=destroy_mod._READS) == want
     assert len(ledger.read_entries("hk-mr")) == len(want) + len(skip)
+
+
+def test_stopped_supervisor_wrote_its_last_records(tmp_path: Path) -> None:
+    """The daemon ends with os._exit once its children are reaped: its last records (every
+    process stopped, its own state, the log's last line) are written before, and
+    stop_supervisor, woken by the daemon's exit, returns as soon as it is gone."""
+    sd = tmp_path / "sup"
+    quick = {"name": "quick", "netns": "", "kind": "app", "argv": [
+        "timeit", "-n", "1", "-s", "print('{\"event\":\"ready\"}', flush=True)", "import time; time.sleep(60)"]}
+    pid = sv.start_supervisor("hk-ms", [quick], sd, timeout=10)
+    child = sv.status(sd)["procs"]["quick"]["pid"]
+    t = time.monotonic()
+    assert sv.stop_supervisor(sd, timeout=5)
+    took = time.monotonic() - t
+    assert not procfs.alive(pid) and not procfs.alive(child)
+    assert took < 1.5, took  # not the 2 s grace, nor the 5 s timeout
+    assert json.loads((sd / "supervisor.json").read_text())["state"] == "stopped"
+    assert json.loads((sd / "procs.json").read_text())["quick"]["state"] == "stopped"
+    assert json.loads((sd / "supervisor.log").read_text().splitlines()[-1])["event"] == "stopped"
+
+
+def test_wait_gone_wakes_at_the_exit_and_never_waits_for_a_reused_pid() -> None:
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        st, ost = procfs.starttime(p.pid), procfs.starttime(other.pid)
+        assert st is not None and ost is not None
+        t = time.monotonic()
+        assert procfs.wait_gone([(p.pid, st), (other.pid, ost + 1)], 10) == []  # ost + 1: not that process
+        assert 0.2 < time.monotonic() - t < 2.0
+        t = time.monotonic()
+        assert procfs.wait_gone([(other.pid, ost)], 0.3) == [other.pid]
+        assert 0.25 < time.monotonic() - t < 1.5
+    finally:
+        other.kill()
+        other.wait()
+        p.wait()
