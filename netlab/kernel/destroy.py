@@ -171,9 +171,10 @@ def destroy(lab: str, *, force: bool = False) -> Report:
     return rep
 
 
-#: netns deleted at once (16 and 48 measured alike under load; 4 was slower): each umount waits for an RCU grace period (the kernel's
+#: netns deleted at once: each umount waits for an RCU grace period (the kernel's
 #: namespace_unlock), 0.05-0.5 ms apiece, longer while the kernel frees the namespaces already
 #: deleted on the other CPU; the waits of concurrent umounts end at the same grace period
+#: (16 and 48 threads measured alike on a loaded machine, 4 slower)
 _NETNS_THREADS = 32
 
 
