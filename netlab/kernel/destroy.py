@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import select
 import shutil
 import signal
@@ -171,45 +172,88 @@ def destroy(lab: str, *, force: bool = False) -> Report:
     return rep
 
 
-#: netns deleted at once: each umount waits for an RCU grace period (the kernel's
+#: netns unmounted at once: each umount waits for an RCU grace period (the kernel's
 #: namespace_unlock), 0.05-0.5 ms apiece, longer while the kernel frees the namespaces already
 #: deleted on the other CPU; the waits of concurrent umounts end at the same grace period
 #: (16 and 48 threads measured alike on a loaded machine, 4 slower)
 _NETNS_THREADS = 32
+_NETNS_CHUNK = 512  # namespaces held open at once (an fd each), under the usual 1024-fd limit
+
+Outcome = tuple[bool, str | None, str | None]  # (deleted, why it was kept, error)
 
 
 def _destroy_all_netns(todo: list[tuple[str, Any]], recorded: dict[str, list[Any]],
-                       meanwhile: Callable[[], None] = lambda: None) -> list[tuple[bool, str | None, str | None]]:
-    """:func:`_destroy_netns` for each (name, cookie) of ``todo``, from a few threads (see
-    ``_NETNS_THREADS``), while this one runs ``meanwhile``; the outcomes in ``todo``'s order."""
-    out: list[tuple[bool, str | None, str | None]] = [(False, None, None)] * len(todo)
+                       meanwhile: Callable[[], None] = lambda: None) -> list[Outcome]:
+    """Delete each (name, cookie) of ``todo`` whose namespace is the one recorded, while this
+    thread runs ``meanwhile``; the outcomes in ``todo``'s order.
+
+    This thread opens each name and checks the cookie of what it opened (:func:`_look`); the
+    mounts of those that are ours are unmounted through their fds (:func:`ns.unmount_netns_fd`:
+    the namespace checked, not whatever is at the name by then) by ``_NETNS_THREADS`` threads,
+    which do nothing else: a thread that returns from a system call waits for the GIL, and
+    with 32 of them doing the whole job (open, ioctl, close, umount, unlink) they waited more
+    than the kernel. Then this thread closes the fds and removes the names."""
+    out: list[Outcome] = [(False, None, None)] * len(todo)
+    chunk = max(16, min(_NETNS_CHUNK, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
+    pending: Callable[[], None] | None = meanwhile
+    for start in range(0, len(todo), chunk):
+        held: list[tuple[int, int]] = []  # (index in todo, fd) of the namespaces that are ours
+        for i in range(start, min(start + chunk, len(todo))):
+            name, cookie = todo[i]
+            try:
+                out[i], fd = _look(name, cookie, recorded)
+            except OSError as ex:
+                out[i], fd = (False, None, f"netns {name}: {ex.strerror or ex}"), None
+            if fd is not None:
+                held.append((i, fd))
+        errors: dict[int, str] = {}
+        try:
+            _unmount_all([(i, fd, todo[i][0]) for i, fd in held], errors, pending)
+            pending = None
+        finally:
+            for i, fd in held:
+                os.close(fd)
+                name = todo[i][0]
+                if i in errors:
+                    out[i] = (False, None, errors[i])
+                    continue
+                try:
+                    os.unlink(ns.netns_path(name))  # the file the mount was on
+                except FileNotFoundError:
+                    pass
+                except OSError as ex:
+                    out[i] = (False, None, f"netns {name}: {ex.strerror or ex}")
+                    continue
+                out[i] = (True, None, None)
+    if pending is not None:
+        pending()
+    return out
+
+
+def _unmount_all(held: list[tuple[int, int, str]], errors: dict[int, str],
+                 meanwhile: Callable[[], None] | None) -> None:
+    """Unmount each (index, fd, name) of ``held`` from a few threads, while this one runs
+    ``meanwhile``; what could not be unmounted goes to ``errors`` by index."""
 
     def run(first: int, step: int) -> None:
-        for i in range(first, len(todo), step):
-            name, cookie = todo[i]
-            # a name made more than once: the namespace there is ours if it has any of its cookies
-            if len(recorded.get(name, ())) > 1 and (now := ns.netns_id(name)) in recorded[name]:
-                cookie = now
+        for j in range(first, len(held), step):
+            i, fd, name = held[j]
             try:
-                out[i] = _destroy_netns(name, cookie)
+                ns.unmount_netns_fd(fd, name)
             except OSError as ex:
-                out[i] = (False, None, f"netns {name}: {ex.strerror or ex}")
+                errors[i] = f"netns {name}: {ex.strerror or ex}"
 
-    n = min(_NETNS_THREADS, len(todo))
-    if n <= 1:
-        run(0, 1)
-        meanwhile()
-        return out
+    n = min(_NETNS_THREADS, len(held))
     threads = [threading.Thread(target=run, args=(k, n), name=f"netns-destroy-{k}", daemon=True)
                for k in range(n)]
     for t in threads:
         t.start()
     try:
-        meanwhile()
+        if meanwhile is not None:
+            meanwhile()
     finally:
         for t in threads:
             t.join()
-    return out
 
 
 def _remove_files(intents: list[dict[str, Any]], out: Report) -> None:
@@ -233,27 +277,43 @@ def _remove_files(intents: list[dict[str, Any]], out: Report) -> None:
             out.errors.append(f"file {path}: {ex.strerror or ex}")
 
 
-def _destroy_netns(name: str, cookie: Any) -> tuple[bool, str | None, str | None]:
-    """Delete ``name`` if the namespace there is the one the ledger recorded (``cookie``).
-    Returns (deleted, why it was kept, error); raises OSError for one that could not be
-    looked at or deleted."""
+def _look(name: str, cookie: Any, recorded: dict[str, list[Any]]) -> tuple[Outcome, int | None]:
+    """What is at ``name``, against the ``cookie`` the ledger recorded for it: (the outcome, and
+    an open fd of the namespace if it is this lab's, to unmount) -- ours only if it has that
+    cookie (or, for a name made more than once, any cookie recorded for it)."""
     if not name or "/" in name or name in (".", ".."):
-        return False, None, None  # a malformed record: no namespace can have that name
-    now = ns.netns_id(name)
-    if now is None:
-        return False, None, None  # never made (killed before), already gone, or a name that cannot exist
+        return (False, None, None), None  # a malformed record: no namespace can have that name
+    try:
+        fd = ns.open_netns(name)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        fd, now = None, ns.NOT_A_NETNS  # a symlink: never ours
+    else:
+        if fd is None:
+            return (False, None, None), None  # never made (killed before), already gone, or a name that cannot exist
+        try:
+            now = ns.fd_cookie(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    if now != ns.NOT_A_NETNS and len(recorded.get(name, ())) > 1 and now in recorded[name]:
+        cookie = now
+    if now == ns.NOT_A_NETNS or cookie is None or now != cookie:
+        if fd is not None:
+            os.close(fd)
     if now == ns.NOT_A_NETNS:
         if cookie is not None and ns.is_placeholder(name):  # see the module docstring
             ns.delete_netns(name)
-            return True, None, None
-        return False, f"netns {name} (not a namespace)", None
+            return (True, None, None), None
+        return (False, f"netns {name} (not a namespace)", None), None
     if cookie is None:
-        return False, f"netns {name} (the ledger has no identity for it: not provably this lab's)", None
+        return (False, f"netns {name} (the ledger has no identity for it: not provably this lab's)", None), None
     if now != cookie:
         owner = owner_of(name)
-        return False, (f"netns {name} (not the namespace this lab made: "
-                       + (f"lab {owner!r} made it" if owner else "another lab or user has that name now") + ")"), None
-    return ns.delete_netns(name), None, None
+        return (False, f"netns {name} (not the namespace this lab made: "
+                + (f"lab {owner!r} made it" if owner else "another lab or user has that name now") + ")", None), None
+    return (False, None, None), fd
 
 
 def stop_processes(procs: list[tuple[str, int, int]], timeout: float = 2.0) -> tuple[list[str], list[str], list[str]]:
