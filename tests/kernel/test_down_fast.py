@@ -75,6 +75,35 @@ def test_many_namespaces_from_threads_spare_the_foreign_ones_and_the_report_keep
     assert lingering("hk-m-") == []
 
 
+def test_unmount_through_the_checked_fd_never_takes_a_namespace_mounted_at_the_name_since() -> None:
+    """destroy checks the cookie of the namespace it opened, then unmounts through that fd: if
+    the name was given to another namespace in between, that one stays (by name, it went)."""
+    ns.create_netns("hk-mu")
+    try:
+        fd = ns.open_netns("hk-mu")
+        assert fd is not None
+        try:
+            ours = ns.fd_cookie(fd)
+            ns.delete_netns("hk-mu")  # meanwhile: the name freed, and taken by another namespace
+            ns.create_netns("hk-mu")
+            theirs = ns.netns_id("hk-mu")
+            assert theirs not in (None, ours)
+            ns.unmount_netns_fd(fd, "hk-mu")
+            assert ns.netns_id("hk-mu") == theirs
+        finally:
+            os.close(fd)
+        fd = ns.open_netns("hk-mu")
+        assert fd is not None
+        try:
+            ns.unmount_netns_fd(fd, "hk-mu")  # the checked one: unmounted, its file left
+            assert ns.netns_id("hk-mu") == ns.NOT_A_NETNS
+        finally:
+            os.close(fd)
+    finally:
+        ns.delete_netns("hk-mu")
+    assert lingering("hk-mu") == []
+
+
 def test_the_part_of_the_ledger_destroy_reads_is_what_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """destroy parses only the lines that can be a process, a failed intent, a directory made,
     or a netns's or file's intent: every such line, written compactly or not, and no key-only
