@@ -2,14 +2,15 @@
 
 Order: stop recorded processes (they hold sockets in the lab's namespaces), delete recorded
 namespaces (which takes every device, address, route, ip rule, iptables rule and ipset inside
-with it: the lab has nothing in the root namespace), remove recorded files and the directories
-apply made for them (plus ``/etc/netns/<netns>`` of a namespace it deleted, when empty), then
-the ledger directory.
+with it: the lab has nothing in the root namespace) while the recorded files go, then the
+directories apply made for them (plus ``/etc/netns/<netns>`` of a namespace it deleted, when
+empty), then the ledger directory.
 
 Only what this lab provably made is removed. A netns is deleted only if the namespace now at
 its name has the cookie the ledger recorded for it (apply records it from inside the new
-namespace before the name is taken, see :func:`netlab.netns.new_netns`); a file or a
-directory only if its device and inode are the recorded ones. Anything else under a recorded
+namespace before the name is taken, see :func:`netlab.netns.new_netns`), and it is unmounted
+through the fd its cookie was read from; a file or a directory only if its device and inode
+are the recorded ones. Anything else under a recorded
 name -- a name this lab only intended, taken since by another lab -- is left in place and
 listed in ``Report.kept``. The one unrecorded thing destroy removes is an empty placeholder
 file at a recorded netns name (a creation killed between taking the name and mounting onto it).
