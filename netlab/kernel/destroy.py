@@ -197,14 +197,19 @@ def _destroy_all_netns(todo: list[tuple[str, Any]], recorded: dict[str, list[Any
     out: list[Outcome] = [(False, None, None)] * len(todo)
     chunk = max(16, min(_NETNS_CHUNK, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2))
     pending: Callable[[], None] | None = meanwhile
-    for start in range(0, len(todo), chunk):
+    nxt = 0
+    while nxt < len(todo):
         held: list[tuple[int, int]] = []  # (index in todo, fd) of the namespaces that are ours
-        for i in range(start, min(start + chunk, len(todo))):
+        while nxt < len(todo) and len(held) < chunk:
+            i = nxt
             name, cookie = todo[i]
             try:
                 out[i], fd = _look(name, cookie, recorded)
             except OSError as ex:
+                if ex.errno in (errno.EMFILE, errno.ENFILE) and held:
+                    break  # out of fds (a caller holding many): unmount those held, then look again
                 out[i], fd = (False, None, f"netns {name}: {ex.strerror or ex}"), None
+            nxt += 1
             if fd is not None:
                 held.append((i, fd))
         errors: dict[int, str] = {}

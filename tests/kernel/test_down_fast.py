@@ -104,6 +104,31 @@ def test_unmount_through_the_checked_fd_never_takes_a_namespace_mounted_at_the_n
     assert lingering("hk-mu") == []
 
 
+def test_a_caller_short_of_fds_still_has_every_namespace_deleted() -> None:
+    """destroy holds an fd per namespace it unmounts; a process near its fd limit (24 here, with
+    ~20 in use) runs out mid-way: it unmounts those it holds, then goes on, all of them gone."""
+    code = ("import json, os, resource\n"
+            "from netlab.kernel.apply import apply\n"
+            "from netlab.kernel.destroy import destroy\n"
+            "from tests import sample_plans as sample\n"
+            "plan = sample.build('hk-mf', nodes=2, pods_per_node=20)\n"
+            "apply(plan)\n"
+            "keep = [os.open('/dev/null', os.O_RDONLY) for _ in range(12)]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (24, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+            "rep = destroy('hk-mf')\n"
+            "print(json.dumps({'deleted': len(rep.netns_deleted), 'want': len(plan.netns), 'errors': rep.errors}))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                       text=True, timeout=120)
+    try:
+        assert r.returncode == 0, r.stderr
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        assert got["errors"] == [] and got["deleted"] == got["want"], got
+    finally:
+        if lingering("hk-mf-"):
+            destroy("hk-mf", force=True)
+    assert lingering("hk-mf-") == []
+
+
 def test_the_part_of_the_ledger_destroy_reads_is_what_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """destroy parses only the lines that can be a process, a failed intent, a directory made,
     or a netns's or file's intent: every such line, written compactly or not, and no key-only
