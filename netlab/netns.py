@@ -123,17 +123,42 @@ def netns_id(name: str) -> int | None:
     exist: too long, a ``/`` in it); :data:`NOT_A_NETNS` if a file is there but no namespace (the
     placeholder of a creation that was killed before its bind mount)."""
     try:
-        fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = open_netns(name)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EINVAL):
-            return None
         if e.errno == errno.ELOOP:  # a symlink: `ip netns` never makes one, nor do we
             return NOT_A_NETNS
         raise
+    if fd is None:
+        return None
     try:
         return fd_cookie(fd)
     finally:
         os.close(fd)
+
+
+def open_netns(name: str) -> int | None:
+    """``/run/netns/<name>`` opened (O_NOFOLLOW: a symlink raises ELOOP); the caller closes the
+    fd. None if nothing is there, or the name cannot exist."""
+    try:
+        return os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EINVAL):
+            return None
+        raise
+
+
+def unmount_netns_fd(fd: int, name: str) -> None:
+    """Unmount the mount an fd of :func:`open_netns` is on, through ``/proc/self/fd/<fd>``: the
+    namespace the caller read the cookie of from that fd, never one mounted at ``name`` since.
+    Lazily, as ``ip netns delete`` (the namespace lives while something holds it, the fd too);
+    one not mounted any more is no error. The file the mount was on stays: the caller unlinks it."""
+    ret = _libc.umount2(f"/proc/self/fd/{fd}".encode(), MNT_DETACH)
+    err = ctypes.get_errno() if ret else 0
+    if err == errno.ENOENT:  # no /proc: by its name
+        ret = _libc.umount2(str(netns_path(name)).encode(), MNT_DETACH)
+        err = ctypes.get_errno() if ret else 0
+    if err and err not in (errno.EINVAL, errno.ENOENT):
+        raise NetnsError(err, f"umount netns {name!r}: {os.strerror(err)}")
 
 
 def fd_cookie(fd: int) -> int:

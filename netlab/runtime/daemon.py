@@ -274,7 +274,7 @@ class Supervisor:
             if self.stopping:
                 break
             self.tick()
-        self.shutdown()
+        self.shutdown(rfd)
         return 0
 
     def tick(self) -> None:
@@ -300,16 +300,30 @@ class Supervisor:
         if self.dirty:
             self.write_state()
 
-    def shutdown(self) -> None:
-        """SIGTERM every child's process group, wait up to 2 s, SIGKILL the rest."""
+    def shutdown(self, wakeup: int | None = None) -> None:
+        """SIGTERM every child's process group, wait up to 2 s, SIGKILL the rest.
+
+        ``wakeup``: the read end of the signal wakeup pipe, which each child's SIGCHLD writes
+        to: the wait ends at the last exit, not at the next tick of a poll (`down` waits for
+        this daemon to be gone)."""
         self.say("shutdown")
         live = [(c, c.proc) for c in self.children.values() if c.proc is not None]
         for c, _ in live:
             c.state = "stopping"
             _killpg(c.pid, signal.SIGTERM)
         deadline = _now() + STOP_GRACE
-        while _now() < deadline and any(proc.poll() is None for _, proc in live):
-            time.sleep(0.01)
+        while any(proc.poll() is None for _, proc in live):
+            left = deadline - _now()
+            if left <= 0:
+                break
+            if wakeup is None:
+                time.sleep(min(left, 0.01))
+                continue
+            with contextlib.suppress(InterruptedError):
+                select.select([wakeup], [], [], min(left, 0.05))  # 0.05: a lost wakeup costs no more
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wakeup, 4096):
+                    pass
         for c, proc in live:
             if proc.poll() is None:
                 self.say("kill", name=c.spec.name, pid=c.pid)

@@ -9,6 +9,7 @@ killed.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from collections.abc import Iterable
@@ -61,14 +62,43 @@ def kill_checked(pid: int, start: int | None, sig: int, group: bool = False) -> 
 
 
 def wait_gone(procs: Iterable[tuple[int, int | None]], timeout: float, interval: float = 0.01) -> list[int]:
-    """Poll until none of (pid, starttime) is alive; returns the PIDs still alive at timeout."""
-    procs = list(procs)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p, s in procs if alive(p, s)]
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(interval)
+    """Wait until none of (pid, starttime) is alive; returns the PIDs still alive at timeout.
+
+    Woken by each exit (a pidfd per process, opened before its start time is checked, so it is
+    the process we recorded), not by polling /proc: `down` waits here for a lab's supervisor,
+    and a poll interval is that much added to it. ``interval``: the poll of a process no pidfd
+    could be opened for (a kernel without pidfd_open)."""
+    fds: dict[int, int] = {}  # pidfd -> pid
+    polled: list[tuple[int, int | None]] = []
+    try:
+        for pid, st in procs:
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            except OSError:
+                polled.append((pid, st))
+                continue
+            if alive(pid, st):
+                fds[fd] = pid
+            else:
+                os.close(fd)
+        deadline = time.monotonic() + timeout
+        while True:
+            polled = [(p, s) for p, s in polled if alive(p, s)]
+            left = deadline - time.monotonic()
+            if not (fds or polled) or left <= 0:
+                return list(fds.values()) + [p for p, _ in polled]
+            poll = select.poll()
+            for fd in fds:
+                poll.register(fd, select.POLLIN)
+            wait = min(left, interval) if polled else left
+            for fd, _ in poll.poll(wait * 1000):
+                os.close(fd)
+                del fds[fd]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def terminate(procs: Iterable[tuple[int, int | None]], grace: float = 2.0, group: bool = True) -> list[int]:
