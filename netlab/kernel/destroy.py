@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import resource
@@ -90,25 +89,8 @@ def _intents(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _read_ledger(lab: str) -> list[dict[str, Any]]:
-    """The entries of the ledger's lines destroy reads (``_READS``), in the ledger's order; a
-    torn last line (killed mid-write) does not parse and is left out, as in
-    :func:`netlab.kernel.ledger.read_entries`."""
-    try:
-        data = StateDir.of(lab).ledger.read_bytes()
-    except FileNotFoundError:
-        return []
-    search = _READS_RE.search
-    out = []
-    for raw in data.splitlines():
-        if not search(raw):
-            continue
-        try:
-            e = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(e, dict):
-            out.append(e)
-    return out
+    """The entries of the ledger's lines destroy reads (``_READS``), in the ledger's order."""
+    return read_entries(lab, matching=_READS_RE)
 
 
 def _same_inode(path: str, e: dict[str, Any], want: int) -> bool | None:

@@ -275,15 +275,19 @@ def record_process(lab: str, name: str, pid: int) -> None:
     _append(sd.ledger, _line({"op": "process", "name": name, "pid": pid, "starttime": st}))
 
 
-def read_entries(lab: str, containing: bytes = b"") -> list[dict[str, Any]]:
-    """Every complete line of the ledger (``containing``: only lines with these bytes in them);
-    a torn last line (killed mid-write) is ignored."""
+def read_entries(lab: str, containing: bytes = b"", matching: re.Pattern[bytes] | None = None) -> list[dict[str, Any]]:
+    """Every complete line of the ledger (``containing``: only lines with these bytes in them;
+    ``matching``: only lines this pattern finds something in); a torn last line (killed
+    mid-write) is ignored."""
     try:
         data = StateDir.of(lab).ledger.read_bytes()
     except FileNotFoundError:
         return []
     out = []
-    for raw in (_lines_with(data, containing) if containing else data.splitlines()):
+    lines: Iterator[bytes] | list[bytes] = _lines_with(data, containing) if containing else data.splitlines()
+    for raw in lines:
+        if matching is not None and not matching.search(raw):
+            continue
         try:
             e = json.loads(raw)
         except ValueError:
