@@ -44,6 +44,7 @@ def test_many_namespaces_from_threads_spare_the_foreign_ones_and_the_report_keep
     gone = "hk-m-n2-p3"
     hosts = Path("/etc/netns/hk-m-n1-p2/hosts")
     order = [e["obj"]["name"] for e in ledger.read_entries("hk-m") if e.get("type") == "Netns"]
+    held = -1
     try:
         cookies = {}
         for name in foreign:
@@ -51,6 +52,10 @@ def test_many_namespaces_from_threads_spare_the_foreign_ones_and_the_report_keep
             ns.create_netns(name)
             cookies[name] = ns.netns_cookie(name)
         ns.delete_netns(gone)
+        # the lab's inode stays open while another file takes its name: freed, the file system
+        # may give the new file the same inode number, which is the lab's file as far as any
+        # (dev, ino) check can tell (CI saw it once)
+        held = os.open(hosts, os.O_RDONLY)
         hosts.unlink()
         hosts.write_text("not the lab's\n")
         rep = destroy("hk-m")
@@ -66,6 +71,8 @@ def test_many_namespaces_from_threads_spare_the_foreign_ones_and_the_report_keep
         assert [p for p in Path("/etc/netns").glob("hk-m-*") if p != hosts.parent] == []
         assert not StateDir.of("hk-m").path.exists()
     finally:
+        if held >= 0:
+            os.close(held)
         for name in foreign:
             ns.delete_netns(name)
         hosts.unlink(missing_ok=True)
