@@ -499,9 +499,6 @@ def _tunnels(link_text: str) -> str:
     return "\n".join(keep) if keep else "(no tunnel devices)"
 
 
-__all__ = ["Lab", "NetlabError", "choose_tunnel", "state_dir"]
-
-
 def _early_supervisor(plan: Plan) -> EarlySupervisor | None:
     """The lab's supervisor, started before the kernel apply so that its start-up and imports
     overlap it (see EarlySupervisor); None for a lab without processes, or with fork-spawn off."""
@@ -517,3 +514,6 @@ def _early_supervisor(plan: Plan) -> EarlySupervisor | None:
         return None
     mods = [p.argv[0] for p in plan.processes if forkspawn.eligible(ProcSpec.from_any(asdict(p)))]
     return EarlySupervisor(plan.lab, state_dir(plan.lab), mods)
+
+
+__all__ = ["Lab", "NetlabError", "choose_tunnel", "state_dir"]

@@ -23,6 +23,7 @@ from netlab.runtime import forkspawn, procfs
 from netlab.runtime import supervisor as sv
 from netlab.runtime.spawn import ProcSpec
 from tests.kernel.test_runtime import _netns, curl, fd_links, netns_ino, sig_ignored, wait_for
+from tests.kernel.test_runtime import state_dir as state_dir  # the fixture (a supervisor's state dir, stopped after)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -30,13 +31,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.skipif(os.geteuid() != 0, reason="
 @pytest.fixture
 def netns1() -> Iterator[str]:
     yield from _netns("hf-1")
-
-
-@pytest.fixture
-def state_dir(tmp_path: Path) -> Iterator[Path]:
-    sd = tmp_path / "state"
-    yield sd
-    sv.stop_supervisor(sd)
 
 
 def spawns(sd: Path) -> dict[str, str]:

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from netlab.lab import Lab
+from tests.labs import DATAPATHS, up_for_datapath
 
 pytestmark = pytest.mark.kernel
 
@@ -31,14 +32,9 @@ NETLAB = [sys.executable, "-m", "netlab.cli"]
 PROBED = ("legacy/httpbin", "bar-sc/httpbin", "bar-amb/httpbin")
 
 
-@pytest.fixture(scope="module", params=["istio-1.18", "inpod"])
+@pytest.fixture(scope="module", params=DATAPATHS)
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    name = "h20k" if request.param == "istio-1.18" else "h20ki"
-    lab = Lab.up("kubelet-probes", name=name, datapath=request.param)
-    try:
-        yield lab
-    finally:
-        lab.down()
+    yield from up_for_datapath("kubelet-probes", request.param, ("h20k", "h20ki"))
 
 
 def pods(lab: Lab) -> dict[str, dict[str, Any]]:

@@ -28,20 +28,16 @@ from netlab.topology.model import RequestPath
 from netlab.verify.trace import trace
 from tests import reference_expect as X
 from tests import reference_inpod_expect as I
+from tests.labs import DATAPATHS, up_for_datapath
 
 pytestmark = pytest.mark.kernel
 
 NETLAB = [sys.executable, "-m", "netlab.cli"]
 
 
-@pytest.fixture(scope="module", params=["istio-1.18", "inpod"])
+@pytest.fixture(scope="module", params=DATAPATHS)
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    name = "h20l" if request.param == "istio-1.18" else "h20li"
-    lab = Lab.up("plain-to-ambient", name=name, datapath=request.param)
-    try:
-        yield lab
-    finally:
-        lab.down()
+    yield from up_for_datapath("plain-to-ambient", request.param, ("h20l", "h20li"))
 
 
 def pids(lab: Lab) -> dict[str, int]:

@@ -22,17 +22,14 @@ from netlab.errors import UsageError
 from netlab.lab import Lab
 from netlab.verify.trace import trace
 from tests.kernel.test_live_waypoint import upstream_via
+from tests.labs import DATAPATHS, up_for_datapath
 
 pytestmark = pytest.mark.kernel
 
 
-@pytest.fixture(scope="module", params=["istio-1.18", "inpod"])
+@pytest.fixture(scope="module", params=DATAPATHS)
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
-    lab = Lab.up("ambient-to-ambient", name="h20b" + ("i" if request.param == "inpod" else "k"), datapath=request.param)
-    try:
-        yield lab
-    finally:
-        lab.down()
+    yield from up_for_datapath("ambient-to-ambient", request.param, ("h20bk", "h20bi"))
 
 
 def httpbin_via(lab: Lab) -> str:
