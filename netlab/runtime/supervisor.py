@@ -257,13 +257,12 @@ class EarlySupervisor:
         proc, self.proc = self.proc, None
         if proc is None:
             raise SupervisorError(f"lab {self.lab!r}: the early supervisor was already used")
-        try:
-            out, err = proc.communicate(b"go\n", timeout=timeout)
-        except BrokenPipeError:  # it died (or `down` stopped it) while waiting
-            out, err = b"", b"the early supervisor exited before it was told to start"
-            proc.wait()
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(errors="replace"),
-                                           err.decode(errors="replace"))
+        out, err = proc.communicate(b"go\n", timeout=timeout)  # (a closed pipe is ignored: it died first)
+        rc = proc.returncode
+        if not out.strip():  # no PID printed: it died (or `down` stopped it) while it waited
+            rc = rc or 1
+            err = err or f"the early supervisor exited (status {proc.returncode}) before it was told to start".encode()
+        return subprocess.CompletedProcess(proc.args, rc, out.decode(errors="replace"), err.decode(errors="replace"))
 
     def cancel(self) -> None:
         """EOF instead of ``go``: it exits without having touched anything."""

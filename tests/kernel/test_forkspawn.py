@@ -138,3 +138,14 @@ def test_supervisor_runs_the_netlab_its_caller_imported(netns1: str, state_dir: 
                               state_dir, timeout=20)
     env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{sup}/environ").read_bytes().split(b"\0") if b"=" in kv)
     assert env[b"PYTHONPATH"].split(b":")[0].decode() == str(Path(netlab.__file__).resolve().parents[1])
+
+
+def test_an_early_supervisor_stopped_before_go_is_a_named_failure(tmp_path: Path) -> None:
+    """`down`'s sweep (or anyone) stopped the early supervisor while `up` still applied: the go
+    finds it gone and `up` fails saying so, not with an empty reason or an IndexError."""
+    early = sv.EarlySupervisor("hf-dead", tmp_path / "sd", [])
+    assert early.proc is not None
+    early.proc.send_signal(signal.SIGTERM)
+    early.proc.wait()
+    with pytest.raises(sv.SupervisorError, match=r"the early supervisor exited \(status -15\) before it was told"):
+        sv.start_supervisor("hf-dead", [], tmp_path / "sd", early=early)
